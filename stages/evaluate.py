@@ -1,0 +1,226 @@
+"""DVC stage ``evaluate``: test-split metrics of models/model.keras, and the plots a user wants.
+
+metrics/metrics.json: accuracy, top-5 accuracy, loss and the example count on ``test``.
+metrics/class_accuracy.json: accuracy of every class. plots/: training curves, a confusion
+matrix (PNG, and the rows DVC's confusion template reads), classes ranked by accuracy, and a
+grid of test images with true and predicted labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from stages.common import StageError, atomic_output, run_main
+from stages.params import EvaluateParams, load_params
+from stages.paths import ProjectPaths
+from stages.records import DatasetInfo, read_arrays
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def compute_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict:
+    """Top-1/top-5 accuracy and mean cross-entropy of predicted class probabilities [N, C]."""
+    num_examples = len(labels)
+    k = min(5, probabilities.shape[1])
+    top_k = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    picked = probabilities[np.arange(num_examples), labels]
+    return {
+        "accuracy": float(np.mean(top_k[:, 0] == labels)),
+        "top5_accuracy": float(np.mean((top_k == labels[:, None]).any(axis=1))),
+        "loss": float(np.mean(-np.log(np.clip(picked, 1e-12, 1.0)))),
+        "num_examples": int(num_examples),
+    }
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """counts[true, predicted]."""
+    counts = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(counts, (labels, predictions), 1)
+    return counts
+
+
+def class_accuracy(counts: np.ndarray) -> np.ndarray:
+    """Per-class recall from a confusion matrix; NaN for a class with no test example."""
+    totals = counts.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, np.diag(counts) / np.maximum(totals, 1), np.nan)
+
+
+def predict_probabilities(model, images_uint8: np.ndarray, batch_size: int, tta_flip: bool) -> np.ndarray:
+    """Class probabilities [N, C]; with ``tta_flip``, the mean over each image and its mirror."""
+    probabilities = softmax(model.predict(images_uint8, batch_size=batch_size, verbose=0).astype(np.float64))
+    if tta_flip:
+        mirrored = softmax(model.predict(images_uint8[:, :, ::-1], batch_size=batch_size, verbose=0).astype(np.float64))
+        probabilities = (probabilities + mirrored) / 2.0
+    return probabilities
+
+
+def load_model(model_file: Path):
+    """The trained model, in Keras' safe mode (no code from the file is run)."""
+    import keras
+
+    import stages.network  # noqa: F401  (registers the ClassNames layer for deserialization)
+
+    if not model_file.is_file():
+        raise StageError(f"{model_file} not found: run the train stage first (dvc repro train)")
+    try:
+        return keras.models.load_model(model_file, compile=False, safe_mode=True)
+    except Exception as error:
+        raise StageError(f"{model_file} cannot be loaded as a Keras model: {error}") from None
+
+
+# ---------------------------------------------------------------- plots
+
+
+def plot_training_curves(history: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history["epochs"]]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, metric, title in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "top-1 accuracy")):
+        for prefix, label in (("", "train"), ("val_", "val")):
+            values = [row.get(prefix + metric) for row in history["epochs"]]
+            if any(value is not None for value in values):
+                axis.plot(epochs, values, marker="o", label=label)
+        axis.set_xlabel("epoch")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"{history['arch']}: {history['epochs_completed']} epochs, {history['train_seconds']:.0f} s")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_confusion_matrix(counts: np.ndarray, class_names: list[str], path: Path) -> None:
+    """Row-normalized, log-colored, one labeled tick per class: readable at 100 classes."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    num_classes = len(class_names)
+    side = max(6.0, num_classes * 0.16)
+    rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    figure, axis = plt.subplots(figsize=(side + 2, side))
+    image = axis.imshow(np.where(rows > 0, rows, np.nan), cmap="viridis", norm=LogNorm(vmin=1e-3, vmax=1.0))
+    font = 10 if num_classes <= 20 else 6
+    axis.set_xticks(range(num_classes), class_names, rotation=90, fontsize=font)
+    axis.set_yticks(range(num_classes), class_names, fontsize=font)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title("confusion matrix (share of each true class)")
+    figure.colorbar(image, ax=axis, fraction=0.03)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_class_accuracy(accuracy: np.ndarray, class_names: list[str], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(np.nan_to_num(accuracy, nan=-1.0))[::-1]
+    figure, axis = plt.subplots(figsize=(max(6.0, len(order) * 0.14), 4.5))
+    axis.bar(range(len(order)), np.nan_to_num(accuracy[order]), color="tab:blue")
+    axis.set_xticks(range(len(order)), [class_names[i] for i in order], rotation=90, fontsize=6 if len(order) > 20 else 9)
+    axis.set_ylabel("test accuracy")
+    axis.set_ylim(0, 1)
+    axis.set_title("classes ranked by test accuracy")
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_samples(
+    images_uint8: np.ndarray, labels: np.ndarray, predictions: np.ndarray, class_names: list[str], path: Path
+) -> None:
+    """A grid of test images titled 'true / predicted', green when right and red when wrong."""
+    import matplotlib.pyplot as plt
+
+    count = len(images_uint8)
+    columns = int(np.ceil(np.sqrt(count)))
+    grid_rows = int(np.ceil(count / columns))
+    figure, axes = plt.subplots(grid_rows, columns, figsize=(columns * 1.6, grid_rows * 1.8), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, label, predicted in zip(axes.flat, images_uint8, labels, predictions):
+        axis.imshow(image, interpolation="nearest")
+        axis.set_title(
+            f"{class_names[label]}\n{class_names[predicted]}", fontsize=7, color="green" if label == predicted else "red"
+        )
+    figure.suptitle("test images: true (top) / predicted (bottom)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run(params: EvaluateParams, paths: ProjectPaths) -> dict:
+    """Evaluate on the test split; write metrics atomically and all plots; return the metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    info = DatasetInfo.read(paths.prepared_dir)
+    model = load_model(paths.model_file)
+    images_uint8, labels = read_arrays(paths.prepared_dir, "test")
+    if len(labels) == 0:
+        raise StageError(f"{paths.prepared_dir}: the test split is empty")
+    probabilities = predict_probabilities(model, images_uint8, params.batch_size, params.tta_flip)
+    if probabilities.shape[1] != info.num_classes:
+        raise StageError(
+            f"{paths.model_file} predicts {probabilities.shape[1]} classes but the data has {info.num_classes}: retrain"
+        )
+    metrics = compute_metrics(probabilities, labels)
+    predictions = probabilities.argmax(axis=1)
+    counts = confusion_matrix(labels, predictions, info.num_classes)
+    per_class = class_accuracy(counts)
+    try:
+        history = json.loads(paths.history_file.read_text())
+    except (FileNotFoundError, ValueError) as error:
+        raise StageError(f"{paths.history_file} is missing or invalid ({error}): run train again") from None
+
+    with atomic_output(paths.plots_dir) as staged:
+        staged.mkdir()
+        plot_training_curves(history, staged / "training_curves.png")
+        plot_confusion_matrix(counts, info.class_names, staged / "confusion_matrix.png")
+        plot_class_accuracy(per_class, info.class_names, staged / "class_accuracy.png")
+        shown = min(params.sample_images, len(labels))
+        plot_samples(images_uint8[:shown], labels[:shown], predictions[:shown], info.class_names, staged / "samples.png")
+        with (staged / "confusion.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["actual", "predicted"])
+            writer.writerows((info.class_names[a], info.class_names[p]) for a, p in zip(labels, predictions))
+    with atomic_output(paths.class_accuracy_file) as staged:
+        rows = [
+            {"class": name, "accuracy": None if np.isnan(value) else round(float(value), 6)}
+            for name, value in zip(info.class_names, per_class)
+        ]
+        staged.write_text(json.dumps(rows, indent=1) + "\n")
+    with atomic_output(paths.metrics_file) as staged:
+        staged.write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info("test metrics: %s", metrics)
+    return metrics
+
+
+def main() -> None:
+    paths = ProjectPaths()
+    run_main("evaluate", lambda: run(load_params(paths.params_file).evaluate, paths))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""DVC stage ``fetch``: download the dataset from the Hugging Face hub (or a local copy) to data/raw.
+
+``fetch.dataset`` is a hub id (``uoft-cs/cifar100``) or a local directory laid out like the
+hub repository (parquet files and a README.md dataset card declaring the features); both go
+through ``datasets.load_dataset``, which never runs code from a dataset repository.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from stages.common import StageError, atomic_output, one_line, run_main
+from stages.params import FetchParams, load_params
+from stages.paths import ProjectPaths
+
+log = logging.getLogger(__name__)
+
+REQUIRED_SPLITS = ("train", "test")
+_MAX_SHARD_SIZE = "500MB"  # CIFAR-100 fits one file per split: DVC hashes a handful of files
+
+
+def offline_hint(dataset: str) -> str:
+    return (
+        f"to work offline, point fetch.dataset at a local copy laid out like the hub repository "
+        f"(parquet files + README.md card), e.g. dvc repro -S fetch.dataset=/path/to/{dataset.split('/')[-1]}"
+    )
+
+
+def check_dataset(dataset_dict, dataset: str) -> None:
+    """Raise StageError unless there are train and test splits, an image column and class labels."""
+    from datasets import ClassLabel, Image
+
+    missing = [split for split in REQUIRED_SPLITS if split not in dataset_dict]
+    if missing:
+        raise StageError(f"dataset {dataset!r} has no split(s) {missing} (has {sorted(dataset_dict)})")
+    for split in REQUIRED_SPLITS:
+        features = dataset_dict[split].features
+        if not any(isinstance(feature, Image) for feature in features.values()):
+            raise StageError(f"dataset {dataset!r}, split {split!r}: no image column (columns: {list(features)})")
+        labels = [name for name in features if "label" in name]
+        class_labels = [name for name, feature in features.items() if isinstance(feature, ClassLabel)]
+        if not class_labels:
+            raise StageError(f"dataset {dataset!r}, split {split!r}: no class-label column (columns: {list(features)})")
+        not_class = [name for name in labels if name not in class_labels]
+        if not_class:
+            raise StageError(
+                f"dataset {dataset!r}, split {split!r}: label column(s) {not_class} are not class labels "
+                f"(the dataset card must declare them as class_label with names)"
+            )
+        if dataset_dict[split].num_rows == 0:
+            raise StageError(f"dataset {dataset!r}, split {split!r} is empty")
+
+
+def load(params: FetchParams):
+    """The dataset as a ``datasets.DatasetDict`` of its train and test splits."""
+    import datasets
+
+    source = params.dataset
+    local = Path(source).expanduser()
+    if local.exists() and not local.is_dir():
+        raise StageError(f"fetch.dataset {source!r} is a file; give a hub id or a directory")
+    try:
+        if local.is_dir():
+            log.info("loading local dataset directory %s", local)
+            return datasets.load_dataset(str(local))
+        log.info("downloading %s (revision %s) from the Hugging Face hub", source, params.revision or "latest")
+        return datasets.load_dataset(source, revision=params.revision)
+    except StageError:
+        raise
+    except Exception as error:  # the library raises many types; all mean "could not load"
+        raise StageError(
+            f"cannot load dataset {source!r}: {type(error).__name__}: {one_line(error)[:300]}; {offline_hint(source)}"
+        ) from None
+
+
+def run(params: FetchParams, paths: ProjectPaths) -> None:
+    """Load and check the dataset, then save its train and test splits to ``paths.raw_dir``."""
+    dataset_dict = load(params)
+    check_dataset(dataset_dict, params.dataset)
+    import datasets
+
+    splits = datasets.DatasetDict({split: dataset_dict[split] for split in REQUIRED_SPLITS})
+    with atomic_output(paths.raw_dir) as staged:
+        splits.save_to_disk(str(staged), max_shard_size=_MAX_SHARD_SIZE)
+    log.info("wrote %s: %s", paths.raw_dir, {split: splits[split].num_rows for split in splits})
+
+
+def main() -> None:
+    paths = ProjectPaths()
+    run_main("fetch", lambda: run(load_params(paths.params_file).fetch, paths))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The networks, defined apart from any I/O: each builder returns an uncompiled Keras model.
+
+Every model takes raw RGB ``uint8`` images of shape (32, 32, 3), normalizes them inside the
+graph with the train split's per-channel statistics, and returns float32 logits. The class
+names ride along in the last layer's config, so a saved model is self-describing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import keras
+from keras import layers
+
+ARCHITECTURES = ("baseline", "resnet")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the data says a network must accept and produce."""
+
+    image_shape: tuple[int, int, int]  # (height, width, channels), uint8 pixels
+    class_names: tuple[str, ...]
+    mean_rgb: tuple[float, float, float]  # train-split pixel mean, 0..255 units
+    std_rgb: tuple[float, float, float]  # train-split pixel standard deviation, 0..255 units
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@keras.saving.register_keras_serializable(package="cifar100_dvc")
+class ClassNames(layers.Layer):
+    """Identity on the logits whose config carries the class names, in label order."""
+
+    def __init__(self, class_names: Sequence[str], **kwargs):
+        super().__init__(**kwargs)
+        self.class_names = list(class_names)
+
+    def call(self, logits):
+        return logits
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "class_names": self.class_names}
+
+
+def class_names_of(model: keras.Model) -> list[str]:
+    """The class names a model built here carries, in label order."""
+    return list(model.get_layer("class_names").class_names)
+
+
+def _normalized_input(spec: InputSpec) -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    """uint8 image input and its normalized float view: (x - mean) / std per channel."""
+    images_uint8 = keras.Input(shape=spec.image_shape, dtype="uint8", name="images_uint8")
+    x = layers.Normalization(
+        mean=list(spec.mean_rgb),
+        variance=[s * s for s in spec.std_rgb],
+        name="normalize_rgb",
+    )(layers.Identity(dtype="float32", name="to_float")(images_uint8))
+    return images_uint8, x
+
+
+def _logits_head(x, spec: InputSpec) -> keras.KerasTensor:
+    # float32 logits even under a mixed-precision policy: softmax/loss need the range.
+    logits = layers.Dense(spec.num_classes, dtype="float32", name="logits")(x)
+    return ClassNames(spec.class_names, dtype="float32", name="class_names")(logits)
+
+
+def build_baseline(spec: InputSpec) -> keras.Model:
+    """The notebook's CNN, layer for layer: 3 x (2 x Conv3x3+ReLU+BN, MaxPool, Dropout), Dense 512.
+
+    For 100 classes: 1,388,292 trainable parameters (1,389,188 with BatchNorm's moving stats).
+    """
+    images_uint8, x = _normalized_input(spec)
+    for filters, dropout_rate in ((32, 0.2), (64, 0.3), (128, 0.4)):
+        for _ in range(2):
+            x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+            x = layers.BatchNormalization()(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Dropout(dropout_rate)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(512, activation="relu")(x)
+    x = layers.Dropout(0.5)(x)
+    return keras.Model(images_uint8, _logits_head(x, spec), name="baseline")
+
+
+def _conv_bn_relu(x, filters: int, name: str, pool: bool = False):
+    """Conv3x3 -> (MaxPool2) -> BN -> ReLU. Pooling before BN/ReLU, as airbench does, runs
+    them at a quarter of the pixels: the same function class, less memory traffic."""
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    if pool:
+        x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+    x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x)
+
+
+def build_resnet(spec: InputSpec, widths: Sequence[int]) -> keras.Model:
+    """A ResNet-9-style network (Page's DAWNBench design), scaled by ``widths``.
+
+    widths = (stem, stage1, stage2, stage3). Each stage is a conv that doubles the channels
+    and halves the resolution by max pooling and, in stages 1 and 3, a residual pair of
+    conv-BN-ReLU. Global max pooling
+    and a linear head follow; the logits are scaled by 1/8, which keeps the initial loss
+    near ln(num_classes) and lets a large learning rate stay stable.
+    """
+    if len(widths) != 4:
+        raise ValueError(f"resnet needs 4 widths (stem, stage1, stage2, stage3), got {widths}")
+    images_uint8, x = _normalized_input(spec)
+    x = _conv_bn_relu(x, widths[0], "stem")
+    for stage, filters in enumerate(widths[1:], start=1):
+        x = _conv_bn_relu(x, filters, f"stage{stage}", pool=True)
+        if stage != 2:  # residual pairs at 16x16 and 4x4, as in ResNet-9
+            shortcut = x
+            x = _conv_bn_relu(x, filters, f"stage{stage}_res1")
+            x = _conv_bn_relu(x, filters, f"stage{stage}_res2")
+            x = layers.Add(name=f"stage{stage}_add")([shortcut, x])
+    x = layers.GlobalMaxPooling2D(name="global_pool")(x)
+    x = layers.Rescaling(0.125, name="logit_scale")(x)
+    return keras.Model(images_uint8, _logits_head(x, spec), name="resnet")
+
+
+def build_network(arch: str, spec: InputSpec, widths: Sequence[int]) -> keras.Model:
+    """The network named by ``arch`` (one of ARCHITECTURES), uncompiled, logits out."""
+    if arch == "baseline":
+        return build_baseline(spec)
+    if arch == "resnet":
+        return build_resnet(spec, widths)
+    raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")

@@ -1,0 +1,192 @@
+"""Typed, frozen, validated parameters: one dataclass per ``params.yaml`` section.
+
+Loading fails at once, with a one-line message naming the key, on an unknown or missing key,
+a value of the wrong type or a value out of range. Every number that changes a result lives
+in ``params.yaml``; the defaults here only document it and serve the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from stages.common import StageError
+
+
+def _param(default: Any, doc: str, **bounds: float) -> Any:
+    """A field with its one-line meaning and optional bounds (ge, gt, le, lt)."""
+    return field(default=default, metadata={"doc": doc, **bounds})
+
+
+@dataclass(frozen=True)
+class FetchParams:
+    dataset: str = _param(
+        "uoft-cs/cifar100",
+        "Hugging Face hub id, or a local directory laid out like the hub repository",
+    )
+    revision: str | None = _param(None, "hub revision (branch, tag or commit) to pin; null: latest")
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    label: str = _param("fine_label", "class-label column to learn (coarse_label; label for CIFAR-10)")
+    val_fraction: float = _param(0.1, "share of each class of train held out as val", ge=0.0, lt=1.0)
+    seed: int = _param(0, "seed of the stratified train/val split", ge=0)
+    limit: int | None = _param(None, "keep at most N examples of each raw split (smoke runs)", ge=1)
+    examples_per_shard: int = _param(10000, "examples per TFRecord shard (~3 KB each)", ge=1)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    arch: Literal["resnet", "baseline"] = _param("resnet", "network: resnet (default) or baseline (the notebook's CNN)")
+    widths: tuple[int, ...] = _param((16, 32, 64, 128), "resnet channel widths: stem, stage 1, 2, 3")
+    epochs: int = _param(20, "full passes over the train split", ge=1)
+    batch_size: int = _param(256, "images per optimizer step", ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = _param("sgd", "sgd is Nesterov momentum SGD")
+    learning_rate: float = _param(0.2, "peak learning rate", gt=0.0)
+    momentum: float = _param(0.9, "SGD momentum (ignored by adam/adamw)", ge=0.0, lt=1.0)
+    schedule: Literal["constant", "linear", "cosine"] = _param(
+        "linear", "after warm-up: constant, linear decay to 0, or cosine decay to 0"
+    )
+    warmup_epochs: float = _param(3.0, "epochs of linear warm-up from 0 to the peak rate", ge=0.0)
+    weight_decay: float = _param(5e-4, "decoupled weight decay per step, times the learning rate", ge=0.0)
+    label_smoothing: float = _param(0.2, "cross-entropy label smoothing", ge=0.0, lt=1.0)
+    augment: bool = _param(True, "random crop from a padded image and horizontal flip, per batch")
+    crop_padding: int = _param(4, "pixels of zero padding around the image for the random crop", ge=0)
+    seed: int = _param(0, "seed of weights, shuffling and augmentation", ge=0)
+    shuffle_buffer: int = _param(50000, "shuffle buffer, in examples (>= train size: a full shuffle)", ge=1)
+    time_budget_minutes: float | None = _param(
+        None, "stop after the epoch that exhausts this wall-clock budget; null: no budget", gt=0.0
+    )
+    mixed_precision: Literal["auto", "on", "off"] = _param("auto", "bfloat16/float16 compute; auto: on a GPU only")
+    jit_compile: Literal["auto", "on", "off"] = _param("auto", "XLA compilation; auto: on a GPU only")
+    steps_per_execution: int | None = _param(None, "batches per graph call; null: 16 on a GPU, 1 on a CPU", ge=1)
+    distribute: Literal["auto", "off", "mirrored"] = _param(
+        "auto", "auto: MirroredStrategy over all local GPUs when there are 2+; mirrored: always"
+    )
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = _param(1000, "images per inference batch", ge=1)
+    tta_flip: bool = _param(True, "average the predictions of each image and its mirror")
+    sample_images: int = _param(36, "test images shown in plots/samples.png", ge=1)
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    tflite: bool = _param(True, "also convert the model to TFLite")
+
+
+@dataclass(frozen=True)
+class Params:
+    fetch: FetchParams = field(default_factory=FetchParams)
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
+
+
+def load_params(path: Path) -> Params:
+    """Read and validate ``params.yaml``; raise StageError naming the first bad key."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise StageError(f"{path}: params file not found") from None
+    except yaml.YAMLError as error:
+        raise StageError(f"{path}: not valid YAML: {error}") from None
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    """Validate a nested dict (as read from YAML) into ``Params``."""
+    return _parse_dataclass(Params, raw, prefix="", source=source)
+
+
+def to_dict(params: Any) -> dict:
+    """A params dataclass as plain YAML-able data (tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(params))))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _parse_dataclass(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise StageError(f"{source}: {where} must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise StageError(f"{source}: unknown key '{prefix}{key}'{hint}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, spec in fields.items():
+        key = f"{prefix}{name}"
+        if name not in raw:
+            raise StageError(f"{source}: missing key '{key}'")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _parse_dataclass(hint, raw[name], f"{key}.", source)
+        else:
+            values[name] = _check_value(key, raw[name], hint, spec.metadata, source)
+    return cls(**values)
+
+
+def _check_value(key: str, value: Any, hint: Any, bounds: Any, source: str) -> Any:
+    def fail(expected: str) -> StageError:
+        return StageError(f"{source}: '{key}' must be {expected}, got {value!r}")
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # `X | None`
+        if value is None:
+            return None
+        (hint,) = [arg for arg in args if arg is not type(None)]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise fail("one of " + ", ".join(map(str, args)))
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise fail("a non-empty list of integers")
+        return tuple(_check_value(f"{key}[{i}]", item, int, {"ge": 1}, source) for i, item in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an integer")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str) or not value:
+            raise fail("a non-empty string")
+        return value
+    for bound, holds in (
+        ("ge", lambda v, b: v >= b),
+        ("gt", lambda v, b: v > b),
+        ("le", lambda v, b: v <= b),
+        ("lt", lambda v, b: v < b),
+    ):
+        if bound in bounds and not holds(value, bounds[bound]):
+            symbol = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[bound]
+            raise fail(f"{symbol} {bounds[bound]}")
+    return value

@@ -1,0 +1,111 @@
+"""The networks: parameter counts, logits shapes, safe save/load, sane initial loss, learning."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from stages.augment import crop_and_flip, random_crop, random_flip
+from stages.network import ARCHITECTURES, InputSpec, build_baseline, build_network, class_names_of
+from stages.train import SmoothedSparseCrossentropy
+
+SMALL_WIDTHS = (8, 8, 16, 16)
+
+
+def spec(num_classes: int) -> InputSpec:
+    return InputSpec((32, 32, 3), tuple(f"class_{i}" for i in range(num_classes)), (120.0, 115.0, 100.0), (60.0, 58.0, 62.0))
+
+
+def count(weights) -> int:
+    return sum(math.prod(weight.shape) for weight in weights)
+
+
+def test_baseline_is_the_notebooks_cnn():
+    model = build_baseline(spec(100))
+    assert count(model.trainable_weights) == 1_388_292
+    assert count(model.weights) == 1_389_188  # with BatchNorm's moving statistics, as the notebook's summary
+    conv_filters = [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert conv_filters == [32, 32, 64, 64, 128, 128]
+    dropout_rates = [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    assert dropout_rates == [0.2, 0.3, 0.4, 0.5]
+
+
+def test_default_resnet_size_is_pinned():
+    model = build_network("resnet", spec(100), (16, 32, 64, 128))
+    assert count(model.trainable_weights) == 424_564
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_logits_shape_from_raw_uint8(arch, num_classes):
+    model = build_network(arch, spec(num_classes), SMALL_WIDTHS)
+    images_uint8 = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    logits = model.predict(images_uint8, verbose=0)
+    assert logits.shape == (3, num_classes) and logits.dtype == np.float32
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_save_then_load_in_safe_mode_gives_identical_predictions(arch, tmp_path):
+    model = build_network(arch, spec(20), SMALL_WIDTHS)
+    images_uint8 = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True, compile=False)
+    np.testing.assert_array_equal(model.predict(images_uint8, verbose=0), loaded.predict(images_uint8, verbose=0))
+    assert class_names_of(loaded) == [f"class_{i}" for i in range(20)]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_initial_loss_is_near_log_num_classes(arch):
+    keras.utils.set_random_seed(0)
+    model = build_network(arch, spec(100), SMALL_WIDTHS)
+    rng = np.random.default_rng(2)
+    images_uint8 = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 100, 64)
+    loss = float(SmoothedSparseCrossentropy()(labels, model(images_uint8, training=False)))
+    assert abs(loss - math.log(100)) < 0.5
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_small_model_overfits_a_small_batch(arch):
+    keras.utils.set_random_seed(0)
+    model = build_network(arch, spec(10), SMALL_WIDTHS)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=SmoothedSparseCrossentropy(), metrics=["accuracy"])
+    rng = np.random.default_rng(3)
+    images_uint8 = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(32) % 10
+    history = model.fit(images_uint8, labels, batch_size=32, epochs=150, verbose=0).history
+    assert history["loss"][-1] < 0.1 * math.log(10)  # memorized (random pixels: nothing to generalize)
+    assert history["accuracy"][-1] == 1.0
+
+
+def test_augmentation_keeps_shape_and_dtype_and_is_seeded():
+    images = tf.constant(np.random.default_rng(4).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8))
+    seed = tf.constant([7, 0], tf.int64)
+    augmented = crop_and_flip(images, seed, padding=4)
+    assert augmented.shape == images.shape and augmented.dtype == tf.uint8
+    np.testing.assert_array_equal(augmented, crop_and_flip(images, seed, padding=4))
+    assert not np.array_equal(augmented, crop_and_flip(images, tf.constant([7, 1], tf.int64), padding=4))
+
+
+def test_flip_really_mirrors_left_right():
+    images = tf.constant(np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3))
+    flipped = random_flip(images, tf.constant([0, 0], tf.int64)).numpy()
+    for image, result in zip(images.numpy(), flipped):
+        assert np.array_equal(result, image) or np.array_equal(result, image[:, ::-1])
+    flips = [random_flip(images, tf.constant([0, s], tf.int64)).numpy() for s in range(20)]
+    assert any(np.array_equal(result[0], images.numpy()[0][:, ::-1]) for result in flips)
+
+
+def test_crop_is_a_shifted_window_of_the_zero_padded_image():
+    image = np.random.default_rng(5).integers(1, 256, (1, 8, 8, 1), dtype=np.uint8)
+    padded = np.pad(image[0, :, :, 0], 2)
+    for step in range(10):
+        cropped = random_crop(tf.constant(image), tf.constant([step, 3], tf.int64), padding=2).numpy()[0, :, :, 0]
+        windows = [padded[r : r + 8, c : c + 8] for r in range(5) for c in range(5)]
+        assert any(np.array_equal(cropped, window) for window in windows)
+    assert random_crop(tf.constant(image), tf.constant([0, 0], tf.int64), padding=0) is not None

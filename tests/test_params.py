@@ -1,0 +1,78 @@
+"""params.yaml loads into typed, frozen dataclasses; every bad key or value is named."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import yaml
+
+from stages.common import StageError
+from stages.params import Params, load_params, parse_params, to_dict
+from stages.paths import REPO_ROOT
+
+
+def repo_params() -> dict:
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+def test_repo_params_load_and_are_frozen():
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert params.fetch.dataset == "uoft-cs/cifar100"
+    assert params.prepare.label == "fine_label"
+    assert params.train.arch == "resnet"
+    assert isinstance(params.train.widths, tuple)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.train.epochs = 3
+
+
+def test_params_yaml_holds_exactly_the_dataclass_defaults_keys():
+    assert set(repo_params()) == set(to_dict(Params()))
+    for section, values in to_dict(Params()).items():
+        assert set(repo_params()[section]) == set(values), section
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("train", "epoch", 3, "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
+        ("train", "epochs", 0, "'train.epochs' must be >= 1"),
+        ("train", "epochs", 2.5, "'train.epochs' must be an integer"),
+        ("train", "epochs", True, "'train.epochs' must be an integer"),
+        ("train", "arch", "vgg", "'train.arch' must be one of resnet, baseline"),
+        ("train", "learning_rate", 0, "'train.learning_rate' must be > 0"),
+        ("train", "widths", [32, 0, 64, 64], "'train.widths[1]' must be >= 1"),
+        ("train", "augment", "yes", "'train.augment' must be true or false"),
+        ("prepare", "val_fraction", 1.0, "'prepare.val_fraction' must be < 1.0"),
+        ("prepare", "limit", -5, "'prepare.limit' must be >= 1"),
+        ("fetch", "dataset", "", "'fetch.dataset' must be a non-empty string"),
+    ],
+)
+def test_bad_values_name_the_key(section, key, value, message):
+    raw = repo_params()
+    raw[section][key] = value
+    with pytest.raises(StageError, match=re.escape(message)):
+        parse_params(raw)
+
+
+def test_missing_key_is_named():
+    raw = repo_params()
+    del raw["prepare"]["seed"]
+    with pytest.raises(StageError, match="missing key 'prepare.seed'"):
+        parse_params(raw)
+
+
+def test_unknown_section_is_named():
+    raw = repo_params()
+    raw["trian"] = {}
+    with pytest.raises(StageError, match="unknown key 'trian' \\(did you mean 'train'\\?\\)"):
+        parse_params(raw)
+
+
+def test_optional_values_accept_null():
+    raw = repo_params()
+    raw["prepare"]["limit"] = None
+    raw["train"]["time_budget_minutes"] = None
+    params = parse_params(raw)
+    assert params.prepare.limit is None and params.train.time_budget_minutes is None

@@ -1,0 +1,91 @@
+"""prepare: what it writes, the reader gives back exactly; splits are stratified and seeded."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from stages.images import decode_image, to_rgb_uint8
+from stages.prepare import channel_stats, stratified_split
+from stages.records import DatasetInfo, read_arrays, read_split
+from tests.synthetic import COARSE_NAMES, make_rows
+
+
+def decoded_rows(rows):
+    images = np.stack([to_rgb_uint8(decode_image(row.encoded))[0] for row in rows])
+    return images, np.array([row.coarse_label for row in rows])
+
+
+def test_stratified_split_is_disjoint_stratified_and_seeded():
+    labels = np.repeat(np.arange(10), 20)
+    train, val = stratified_split(labels, 0.25, np.random.default_rng(3))
+    assert len(np.intersect1d(train, val)) == 0
+    assert sorted(np.concatenate([train, val])) == list(range(200))
+    assert np.bincount(labels[val]).tolist() == [5] * 10
+    again_train, again_val = stratified_split(labels, 0.25, np.random.default_rng(3))
+    assert np.array_equal(train, again_train) and np.array_equal(val, again_val)
+    other_train, _ = stratified_split(labels, 0.25, np.random.default_rng(4))
+    assert not np.array_equal(train, other_train)
+
+
+def test_channel_stats_equal_numpy():
+    images = np.random.default_rng(0).integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    mean, std = channel_stats(images, chunk=7)
+    pixels = images.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(mean, pixels.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(std, pixels.std(axis=0), rtol=1e-9)
+
+
+def test_reader_gives_back_bit_identical_pixels_and_labels(prepared_paths):
+    train_rows, test_rows = make_rows(600, seed=1, odd_every=7), make_rows(200, seed=2, odd_every=9)
+    source_images, source_labels = decoded_rows(train_rows)
+    train_index, val_index = stratified_split(source_labels, 0.1, np.random.default_rng(0))
+    for split, (expected_images, expected_labels) in {
+        "train": (source_images[train_index], source_labels[train_index]),
+        "val": (source_images[val_index], source_labels[val_index]),
+        "test": decoded_rows(test_rows),
+    }.items():
+        images, labels = read_arrays(prepared_paths.prepared_dir, split)
+        assert images.dtype == np.uint8 and images.shape[1:] == (32, 32, 3)
+        np.testing.assert_array_equal(images, expected_images, err_msg=split)
+        np.testing.assert_array_equal(labels, expected_labels, err_msg=split)
+
+
+def test_dataset_json_describes_the_shards(prepared_paths):
+    info = DatasetInfo.read(prepared_paths.prepared_dir)
+    assert info.class_names == COARSE_NAMES  # from the dataset card, not hard-coded
+    assert info.label_column == "coarse_label"
+    assert {name: split.num_examples for name, split in info.splits.items()} == {"train": 540, "val": 60, "test": 200}
+    assert info.splits["val"].class_counts == [3] * 20  # 30 per class, 10% held out
+    assert len(info.splits["train"].shards) == 5  # ceil(540 / 128)
+    train_images, _ = read_arrays(prepared_paths.prepared_dir, "train")
+    mean, std = train_images.reshape(-1, 3).mean(axis=0), train_images.reshape(-1, 3).std(axis=0)
+    np.testing.assert_allclose(info.mean_rgb, mean, rtol=1e-9)
+    np.testing.assert_allclose(info.std_rgb, std, rtol=1e-9)
+    # every 7th row from row 1 is odd: 6 modes then 2 sizes, in turn
+    assert info.resized_images["train"] == sum(1 for i in range(600) if i % 7 == 1 and (i // 7) % 8 >= 6)
+    assert set(info.converted_modes["train"]) == {"L", "LA", "RGBA", "P", "I;16", "CMYK"}
+    assert json.loads((prepared_paths.prepared_dir / "dataset.json").read_text())["splits"]["test"]["num_examples"] == 200
+
+
+def test_reader_shuffles_deterministically_and_resumes_exactly(prepared_paths):
+    def stream(skip=0):
+        dataset = read_split(
+            prepared_paths.prepared_dir, "train", 32, shuffle_seed=5, repeat=True, drop_remainder=True, skip_batches=skip
+        )
+        return [labels.numpy().tolist() for _, labels in dataset.take(40 - skip)]
+
+    full = stream()
+    assert full == stream()
+    assert full[17:] == stream(skip=17)
+    epoch_one, epoch_two = sum(full[:16], []), sum(full[16:32], [])
+    assert epoch_one != epoch_two  # reshuffled every pass
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_reader_batches_keep_every_example_once(prepared_paths, split):
+    info = DatasetInfo.read(prepared_paths.prepared_dir)
+    batches = list(read_split(prepared_paths.prepared_dir, split, 64))
+    assert sum(len(labels) for _, labels in batches) == info.splits[split].num_examples

@@ -1,0 +1,95 @@
+"""train and evaluate on the synthetic data: the model learns, outputs are whole and atomic."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from stages import evaluate, train
+from stages.evaluate import load_model, predict_probabilities
+from stages.params import EvaluateParams, TrainParams
+from stages.paths import ProjectPaths
+from stages.records import DatasetInfo, read_arrays
+from tests.synthetic import COARSE_NAMES
+
+FAST_TRAIN = TrainParams(
+    widths=(8, 8, 16, 16), epochs=6, batch_size=32, learning_rate=0.1, warmup_epochs=1.0, shuffle_buffer=1000
+)
+
+
+def copy_prepared(prepared_paths: ProjectPaths, tmp_path) -> ProjectPaths:
+    import shutil
+
+    paths = ProjectPaths(tmp_path)
+    shutil.copytree(prepared_paths.prepared_dir, paths.prepared_dir)
+    return paths
+
+
+@pytest.mark.slow
+def test_chain_learns_far_above_chance_and_writes_everything(prepared_paths, tmp_path):
+    paths = copy_prepared(prepared_paths, tmp_path)
+    summary = train.run(FAST_TRAIN, paths)
+    assert summary["epochs_completed"] == 6 and not summary["stopped_by_time_budget"]
+    assert [row["epoch"] for row in summary["epochs"]] == [1, 2, 3, 4, 5, 6]
+    metrics = evaluate.run(EvaluateParams(batch_size=64, tta_flip=True, sample_images=9), paths)
+    assert metrics["num_examples"] == 200
+    assert metrics["accuracy"] > 0.6  # 20 classes: chance is 0.05
+    assert set(metrics) == {"accuracy", "top5_accuracy", "loss", "num_examples"}
+    assert json.loads(paths.metrics_file.read_text()) == metrics
+    per_class = json.loads(paths.class_accuracy_file.read_text())
+    assert [row["class"] for row in per_class] == COARSE_NAMES
+    for name in ("training_curves.png", "confusion_matrix.png", "class_accuracy.png", "samples.png", "confusion.csv"):
+        assert (paths.plots_dir / name).stat().st_size > 0, name
+    assert len((paths.plots_dir / "confusion.csv").read_text().splitlines()) == 201
+    assert (paths.live_dir / "plots" / "metrics" / "eval" / "accuracy.tsv").is_file()
+    assert list(paths.checkpoint_dir.iterdir()) == []  # finished: nothing left to resume
+
+
+def test_saved_model_classifies_raw_uint8_and_carries_class_names(prepared_paths, tmp_path):
+    paths = copy_prepared(prepared_paths, tmp_path)
+    train.run(dataclasses.replace(FAST_TRAIN, epochs=1), paths)
+    model = load_model(paths.model_file)
+    assert keras.saving.get_registered_name(type(model.get_layer("class_names"))) == "cifar100_dvc>ClassNames"
+    info = DatasetInfo.read(paths.prepared_dir)
+    assert model.get_layer("class_names").class_names == info.class_names
+    images_uint8, _ = read_arrays(paths.prepared_dir, "test")
+    probabilities = predict_probabilities(model, images_uint8[:10], batch_size=5, tta_flip=False)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    assert model.optimizer is None  # saved for inference: no optimizer state
+
+
+def test_time_budget_stops_training_early(prepared_paths, tmp_path):
+    paths = copy_prepared(prepared_paths, tmp_path)
+    summary = train.run(dataclasses.replace(FAST_TRAIN, epochs=50, time_budget_minutes=0.001), paths)
+    assert summary["stopped_by_time_budget"] and summary["epochs_completed"] == 1
+    assert paths.model_file.is_file()
+
+
+def test_batch_larger_than_the_train_split_is_refused(prepared_paths, tmp_path):
+    from stages.common import StageError
+
+    paths = copy_prepared(prepared_paths, tmp_path)
+    with pytest.raises(StageError, match="train.batch_size=4096 exceeds the 540 train examples"):
+        train.run(dataclasses.replace(FAST_TRAIN, batch_size=4096), paths)
+    assert not paths.model_file.exists()
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_zero():
+    schedule = train.WarmupSchedule(peak=0.4, warmup_steps=10, total_steps=110, decay="linear")
+    values = [float(schedule(step)) for step in (0, 4, 9, 10, 60, 110)]
+    np.testing.assert_allclose(values, [0.04, 0.2, 0.4, 0.4, 0.2, 0.0], atol=1e-6)
+    cosine = train.WarmupSchedule(peak=1.0, warmup_steps=0, total_steps=100, decay="cosine")
+    np.testing.assert_allclose([float(cosine(s)) for s in (0, 50, 100)], [1.0, 0.5, 0.0], atol=1e-6)
+    constant = train.WarmupSchedule(peak=0.3, warmup_steps=0, total_steps=100, decay="constant")
+    assert float(constant(99)) == pytest.approx(0.3)
+
+
+def test_device_settings_auto_resolve_by_hardware():
+    cpu = train.resolve_device_settings(TrainParams(), num_gpus=0)
+    assert (cpu.mixed_precision_policy, cpu.jit_compile, cpu.steps_per_execution) == ("float32", False, 1)
+    forced = train.resolve_device_settings(TrainParams(mixed_precision="on", jit_compile="on", steps_per_execution=4), num_gpus=0)
+    assert (forced.mixed_precision_policy, forced.jit_compile, forced.steps_per_execution) == ("mixed_bfloat16", True, 4)
