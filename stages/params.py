@@ -47,7 +47,7 @@ class PrepareParams:
 class TrainParams:
     arch: Literal["resnet", "baseline"] = _param("resnet", "network: resnet (default) or baseline (the notebook's CNN)")
     widths: tuple[int, ...] = _param((16, 32, 64, 128), "resnet channel widths: stem, stage 1, 2, 3")
-    epochs: int = _param(20, "full passes over the train split", ge=1)
+    epochs: int = _param(18, "full passes over the train split", ge=1)
     batch_size: int = _param(256, "images per optimizer step", ge=1)
     optimizer: Literal["sgd", "adam", "adamw"] = _param("sgd", "sgd is Nesterov momentum SGD")
     learning_rate: float = _param(0.2, "peak learning rate", gt=0.0)

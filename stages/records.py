@@ -143,6 +143,8 @@ def read_split(
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
+    # A known length lets Keras show progress and end evaluation without an "ran out of data" warning.
+    records = records.apply(tf.data.experimental.assert_cardinality(info.splits[split].num_examples))
     if cache:
         records = records.cache()
     if shuffle_seed is not None:

@@ -232,9 +232,14 @@ def load_checkpoint(directory: Path, run_fingerprint: str) -> dict | None:
     return state
 
 
+_CHECKPOINT_README = "train's resume state: the last completed epoch of an unfinished run. Empty after a run completes.\n"
+
+
 def clear_checkpoints(directory: Path) -> None:
+    """Remove all resume state; leave a README so the (persisted) DVC output is never an empty folder."""
     for path in directory.iterdir():
         remove_path(path)
+    (directory / "README.txt").write_text(_CHECKPOINT_README)
 
 
 # ---------------------------------------------------------------- the stage
@@ -315,6 +320,7 @@ def run(params: TrainParams, paths: ProjectPaths) -> dict:
             validation_data=val_batches,
             callbacks=callbacks,
             verbose=1 if sys.stdout.isatty() else 2,
+            shuffle=False,  # the reader already shuffles, seeded
         )
     else:
         live.end()

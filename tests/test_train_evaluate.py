@@ -46,7 +46,7 @@ def test_chain_learns_far_above_chance_and_writes_everything(prepared_paths, tmp
         assert (paths.plots_dir / name).stat().st_size > 0, name
     assert len((paths.plots_dir / "confusion.csv").read_text().splitlines()) == 201
     assert (paths.live_dir / "plots" / "metrics" / "eval" / "accuracy.tsv").is_file()
-    assert list(paths.checkpoint_dir.iterdir()) == []  # finished: nothing left to resume
+    assert [path.name for path in paths.checkpoint_dir.iterdir()] == ["README.txt"]  # finished: nothing to resume
 
 
 def test_saved_model_classifies_raw_uint8_and_carries_class_names(prepared_paths, tmp_path):
