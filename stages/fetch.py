@@ -52,8 +52,13 @@ def check_dataset(dataset_dict, dataset: str) -> None:
             raise StageError(f"dataset {dataset!r}, split {split!r} is empty")
 
 
-def load(params: FetchParams):
-    """The dataset as a ``datasets.DatasetDict`` of its train and test splits."""
+def load(params: FetchParams, local_cache_dir: Path):
+    """The dataset as a ``datasets.DatasetDict`` of its train and test splits.
+
+    A local directory is converted through ``local_cache_dir`` (fresh each run), never the
+    shared Hugging Face cache: that cache keys local files by name and time stamp, and could
+    hand back an older copy of a directory edited in place.
+    """
     import datasets
 
     source = params.dataset
@@ -63,7 +68,7 @@ def load(params: FetchParams):
     try:
         if local.is_dir():
             log.info("loading local dataset directory %s", local)
-            return datasets.load_dataset(str(local))
+            return datasets.load_dataset(str(local), cache_dir=str(local_cache_dir))
         log.info("downloading %s (revision %s) from the Hugging Face hub", source, params.revision or "latest")
         return datasets.load_dataset(source, revision=params.revision)
     except StageError:
@@ -76,12 +81,13 @@ def load(params: FetchParams):
 
 def run(params: FetchParams, paths: ProjectPaths) -> None:
     """Load and check the dataset, then save its train and test splits to ``paths.raw_dir``."""
-    dataset_dict = load(params)
-    check_dataset(dataset_dict, params.dataset)
     import datasets
 
-    splits = datasets.DatasetDict({split: dataset_dict[split] for split in REQUIRED_SPLITS})
     with atomic_output(paths.raw_dir) as staged:
+        local_cache_dir = staged.parent / "cache"
+        dataset_dict = load(params, local_cache_dir)
+        check_dataset(dataset_dict, params.dataset)
+        splits = datasets.DatasetDict({split: dataset_dict[split] for split in REQUIRED_SPLITS})
         splits.save_to_disk(str(staged), max_shard_size=_MAX_SHARD_SIZE)
     log.info("wrote %s: %s", paths.raw_dir, {split: splits[split].num_rows for split in splits})
 

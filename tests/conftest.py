@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from stages.paths import REPO_ROOT, ProjectPaths
-from tests.synthetic import make_rows, write_hub_dataset
+from stages.synthetic import make_rows, write_hub_dataset
 
 # Stage subprocesses: quiet TensorFlow, never reach for the hub, no telemetry.
 STAGE_ENV = {

@@ -10,7 +10,7 @@ import pytest
 from stages.images import decode_image, to_rgb_uint8
 from stages.prepare import channel_stats, stratified_split
 from stages.records import DatasetInfo, read_arrays, read_split
-from tests.synthetic import COARSE_NAMES, make_rows
+from stages.synthetic import COARSE_NAMES, make_rows
 
 
 def decoded_rows(rows):

@@ -14,7 +14,7 @@ from stages.evaluate import load_model, predict_probabilities
 from stages.params import EvaluateParams, TrainParams
 from stages.paths import ProjectPaths
 from stages.records import DatasetInfo, read_arrays
-from tests.synthetic import COARSE_NAMES
+from stages.synthetic import COARSE_NAMES
 
 FAST_TRAIN = TrainParams(
     widths=(8, 8, 16, 16), epochs=6, batch_size=32, learning_rate=0.1, warmup_epochs=1.0, shuffle_buffer=1000
@@ -93,3 +93,47 @@ def test_device_settings_auto_resolve_by_hardware():
     assert (cpu.mixed_precision_policy, cpu.jit_compile, cpu.steps_per_execution) == ("float32", False, 1)
     forced = train.resolve_device_settings(TrainParams(mixed_precision="on", jit_compile="on", steps_per_execution=4), num_gpus=0)
     assert (forced.mixed_precision_policy, forced.jit_compile, forced.steps_per_execution) == ("mixed_bfloat16", True, 4)
+
+
+DISTRIBUTED_SCRIPT = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from pathlib import Path
+import dataclasses
+from stages import train
+from stages.paths import ProjectPaths
+from tests.test_train_evaluate import FAST_TRAIN
+summary = train.run(dataclasses.replace(FAST_TRAIN, distribute=sys.argv[2]), ProjectPaths(Path(sys.argv[1])))
+print("SUMMARY" + json.dumps(summary["epochs"][-1]))
+"""
+
+
+@pytest.mark.slow
+def test_mirrored_over_two_logical_cpus_matches_one_device(prepared_paths, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from stages.paths import REPO_ROOT
+
+    finals = {}
+    for distribute in ("off", "mirrored"):
+        paths = copy_prepared(prepared_paths, tmp_path / distribute)
+        result = subprocess.run(
+            [sys.executable, "-c", DISTRIBUTED_SCRIPT, str(paths.root), distribute],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        if distribute == "mirrored":
+            assert "MirroredStrategy over ['/job:localhost/replica:0/task:0/device:CPU:0', " in result.stderr
+        finals[distribute] = json.loads(result.stdout.split("SUMMARY", 1)[1])
+    # Each replica normalizes its half batch with its own BatchNorm statistics: close, not equal.
+    assert finals["mirrored"]["loss"] == pytest.approx(finals["off"]["loss"], rel=0.15)
+    assert finals["mirrored"]["val_accuracy"] == pytest.approx(finals["off"]["val_accuracy"], abs=0.2)
+    assert finals["mirrored"]["val_accuracy"] > 0.3

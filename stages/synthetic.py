@@ -1,4 +1,7 @@
-"""Small datasets in the Hugging Face hub layout (parquet + README.md card), made on the fly.
+"""Small synthetic datasets in the Hugging Face hub layout (parquet + README.md dataset card).
+
+For tests, benchmarks and smoke runs without network: ``python -m stages.synthetic OUT_DIR``
+writes one that ``fetch.dataset`` can point at.
 
 Image colors encode the labels, so the classes are learnable: fine label f = 5 * coarse + k;
 red encodes coarse % 5, green coarse // 5 and blue k. A few images come in other modes
@@ -73,10 +76,14 @@ def make_rows(num_rows: int, seed: int, odd_every: int = 0) -> list[Row]:
     return [rows[i] for i in order]
 
 
-def card(splits: list[str], label_columns=("fine_label", "coarse_label")) -> str:
+def card(splits: list[str], label_columns=("fine_label", "coarse_label"), plain_int_columns=()) -> str:
+    """The README.md dataset card: features (class labels with names) and where each split is."""
     lines = ["---", "dataset_info:", "  features:", "  - name: img", "    dtype: image"]
     names = {"fine_label": FINE_NAMES, "coarse_label": COARSE_NAMES}
     for column in label_columns:
+        if column in plain_int_columns:  # declared as a bare integer: not a class label
+            lines += [f"  - name: {column}", "    dtype: int64"]
+            continue
         lines += [f"  - name: {column}", "    dtype:", "      class_label:", "        names:"]
         lines += [f"          '{index}': {name}" for index, name in enumerate(names[column])]
     lines += ["configs:", "- config_name: default", "  data_files:"]
@@ -86,7 +93,9 @@ def card(splits: list[str], label_columns=("fine_label", "coarse_label")) -> str
     return "\n".join(lines)
 
 
-def write_hub_dataset(directory: Path, splits: dict[str, list[Row]], label_columns=("fine_label", "coarse_label")) -> Path:
+def write_hub_dataset(
+    directory: Path, splits: dict[str, list[Row]], label_columns=("fine_label", "coarse_label"), plain_int_columns=()
+) -> Path:
     """Write ``splits`` as parquet files plus a dataset card, like the hub repository."""
     (directory / "data").mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
@@ -99,5 +108,23 @@ def write_hub_dataset(directory: Path, splits: dict[str, list[Row]], label_colum
         for column in label_columns:
             columns[column] = pa.array([getattr(row, column) for row in rows], type=pa.int64())
         pq.write_table(pa.table(columns), directory / "data" / f"{split}-00000-of-00001.parquet")
-    (directory / "README.md").write_text(card(list(splits), label_columns))
+    (directory / "README.md").write_text(card(list(splits), label_columns, plain_int_columns))
     return directory
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m stages.synthetic", description="write a synthetic CIFAR-100-like dataset")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--train", type=int, default=5000, help="train rows (default: %(default)s)")
+    parser.add_argument("--test", type=int, default=1000, help="test rows (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    splits = {"train": make_rows(args.train, args.seed, odd_every=50), "test": make_rows(args.test, args.seed + 1, odd_every=50)}
+    write_hub_dataset(args.out_dir, splits)
+    print(f"wrote {args.out_dir}: {args.train} train / {args.test} test rows")
+
+
+if __name__ == "__main__":
+    main()

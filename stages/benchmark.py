@@ -1,0 +1,308 @@
+"""Measure the pipeline against the notebook, in one process so the ratios are fair.
+
+    python -m stages.benchmark --dataset ../shared/datasets/cifar10-dev --label label
+    python -m stages.benchmark --dataset synthetic            # no download, no ../shared
+
+Writes benchmarks/results.json and benchmarks/results.md:
+1. input throughput (images/s): the notebook's pipeline (``from_generator`` over the
+   ``datasets`` object, ``map``, batch 32) against the project's TFRecord reader, without and
+   with augmentation;
+2. training throughput (images/s) of ``baseline`` at the notebook's settings and at the
+   project's, and of the default arch, each end to end and compute-only (one batch held in
+   memory), giving the share of time lost to input;
+3. ``prepare`` throughput on the dataset (images/s);
+4. wall time of a no-op ``dvc repro``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stages.common import setup_logging
+from stages.params import load_params
+from stages.paths import REPO_ROOT, ProjectPaths
+
+log = logging.getLogger(__name__)
+
+
+def timed_images(batches, num_images: int) -> float:
+    """Images/s of pulling at least ``num_images`` images out of an iterable of (images, labels)."""
+    seen, started = 0, time.perf_counter()
+    for images, _ in batches:
+        seen += int(images.shape[0])
+        if seen >= num_images:
+            break
+    return seen / (time.perf_counter() - started)
+
+
+def notebook_input(hf_split, image_column: str, label_column: str, batch_size: int = 32, scale: bool = True):
+    """The notebook's input pipeline: a Python generator over the ``datasets`` rows, map, batch."""
+    import tensorflow as tf
+
+    def rows():
+        for example in hf_split:
+            yield np.asarray(example[image_column].convert("RGB")), example[label_column]
+
+    dataset = tf.data.Dataset.from_generator(
+        rows, output_signature=(tf.TensorSpec((32, 32, 3), tf.uint8), tf.TensorSpec((), tf.int64))
+    )
+    if scale:  # the notebook scaled to [0, 1] in its map
+        return dataset.map(lambda image, label: (tf.cast(image, tf.float32) / 255.0, label)).batch(batch_size)
+    return dataset.map(lambda image, label: (image, label)).batch(batch_size)
+
+
+def train_throughput(model, batches, num_steps: int, warmup_steps: int = 5) -> float:
+    """Images/s of ``model.fit`` over ``num_steps`` batches, after a warm-up that traces the step."""
+    batch_size = int(next(iter(batches))[0].shape[0])
+    model.fit(batches, steps_per_epoch=warmup_steps, epochs=1, verbose=0)
+    started = time.perf_counter()
+    model.fit(batches, steps_per_epoch=num_steps, epochs=1, verbose=0)
+    return num_steps * batch_size / (time.perf_counter() - started)
+
+
+def in_memory(batches):
+    """Compute only: the first batch, held in memory and repeated."""
+    import tensorflow as tf
+
+    images, labels = next(iter(batches))
+    return tf.data.Dataset.from_tensors((images, labels)).repeat()
+
+
+def measure_training(name, model_factory, real_batches, images_per_run: int) -> dict:
+    """End-to-end and compute-only images/s of a fresh model each."""
+    batch_size = int(next(iter(real_batches))[0].shape[0])
+    steps = max(10, images_per_run // batch_size)
+    end_to_end = train_throughput(model_factory(), real_batches, steps)
+    compute_only = train_throughput(model_factory(), in_memory(real_batches), steps)
+    row = {
+        "name": name,
+        "batch_size": batch_size,
+        "images_per_s": round(end_to_end, 1),
+        "compute_only_images_per_s": round(compute_only, 1),
+        "input_bound_fraction": round(max(0.0, 1.0 - end_to_end / compute_only), 3),
+    }
+    log.info("train %s", row)
+    return row
+
+
+def run_benchmark(dataset: str, label: str, out_dir: Path, images_per_run: int, input_images: int) -> dict:
+    import datasets
+    import keras
+
+    from stages import fetch, prepare, train
+    from stages.network import build_network
+    from stages.params import FetchParams
+    from stages.records import read_split
+
+    params = load_params(REPO_ROOT / "params.yaml")
+    work = Path(tempfile.mkdtemp(prefix="cifar100-dvc-benchmark-"))
+    try:
+        if dataset == "synthetic":
+            from stages.synthetic import make_rows, write_hub_dataset
+
+            dataset = str(write_hub_dataset(work / "synthetic", {"train": make_rows(6000, 0), "test": make_rows(1000, 1)}))
+            label = label or "fine_label"
+        paths = ProjectPaths(work / "project")
+        fetch.run(FetchParams(dataset=dataset), paths)
+        prepare_params = dataclasses.replace(params.prepare, label=label)
+        started = time.perf_counter()
+        info = prepare.run(prepare_params, paths)
+        prepare_seconds = time.perf_counter() - started
+        total = sum(split.num_examples for split in info.splits.values())
+        results = {
+            "machine": machine_description(),
+            "dataset": dataset,
+            "prepare": {"images": total, "seconds": round(prepare_seconds, 2), "images_per_s": round(total / prepare_seconds, 1)},
+        }
+        log.info("prepare %s", results["prepare"])
+
+        # 1. input pipelines
+        raw = datasets.load_from_disk(str(paths.raw_dir))["train"]
+        image_column = prepare.find_image_column(raw.features)
+        train_params = params.train
+        augment = train.augmenter(train_params)
+
+        def reader(batch_size, with_augment):
+            return read_split(
+                paths.prepared_dir,
+                "train",
+                batch_size,
+                shuffle_seed=0,
+                shuffle_buffer=train_params.shuffle_buffer,
+                repeat=True,
+                drop_remainder=True,
+                batch_transform=augment if with_augment else None,
+            )
+
+        num_train = info.splits["train"].num_examples
+        warm = reader(train_params.batch_size, False)
+        timed_images(warm, num_train)  # first pass fills the in-memory cache
+        notebook_rate = timed_images(notebook_input(raw, image_column, label), input_images)
+        results["input"] = {
+            "notebook_images_per_s": round(notebook_rate, 1),
+            "reader_images_per_s": round(timed_images(warm, 4 * num_train), 1),
+            "reader_augment_images_per_s": round(timed_images(reader(train_params.batch_size, True), 4 * num_train), 1),
+        }
+        results["input"]["speedup"] = round(results["input"]["reader_images_per_s"] / notebook_rate, 1)
+        results["input"]["speedup_with_augment"] = round(results["input"]["reader_augment_images_per_s"] / notebook_rate, 1)
+        log.info("input %s", results["input"])
+
+        # 2. training
+        spec = train.input_spec(info)
+        steps_per_epoch = num_train // train_params.batch_size
+
+        def factory(arch, train_settings):
+            def make():
+                model = build_network(arch, spec, train_settings.widths)
+                train.compile_model(model, train_settings, steps_per_epoch, jit_compile=False, steps_per_execution=1)
+                return model
+
+            return make
+
+        notebook_settings = dataclasses.replace(
+            train_params,
+            arch="baseline",
+            optimizer="adam",
+            learning_rate=1e-3,
+            batch_size=32,
+            schedule="constant",
+            warmup_epochs=0.0,
+            weight_decay=0.0,
+            label_smoothing=0.0,
+            augment=False,
+        )
+        project_baseline = dataclasses.replace(train_params, arch="baseline")
+        keras.mixed_precision.set_global_policy("float32")
+        notebook_batches = notebook_input(raw, image_column, label, batch_size=32, scale=False).repeat()
+        results["train"] = [
+            measure_training(
+                "baseline, notebook settings (generator input, batch 32, Adam)",
+                factory("baseline", notebook_settings),
+                notebook_batches,
+                images_per_run,
+            ),
+            measure_training(
+                f"baseline, project settings (reader, batch {train_params.batch_size}, augment)",
+                factory("baseline", project_baseline),
+                reader(train_params.batch_size, True),
+                images_per_run,
+            ),
+            measure_training(
+                f"default ({train_params.arch} {list(train_params.widths)}, batch {train_params.batch_size}, augment)",
+                factory(train_params.arch, train_params),
+                reader(train_params.batch_size, True),
+                images_per_run,
+            ),
+        ]
+        notebook_row, project_row = results["train"][0], results["train"][1]
+        results["baseline_speedup"] = round(project_row["images_per_s"] / notebook_row["images_per_s"], 2)
+
+        # 4. no-op dvc repro
+        results["noop_dvc_repro_seconds"] = noop_repro_seconds(dataset, label, work / "repo")
+        log.info("no-op dvc repro: %.2f s", results["noop_dvc_repro_seconds"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "results.md").write_text(to_markdown(results))
+    return results
+
+
+def noop_repro_seconds(dataset: str, label: str, repo: Path) -> float:
+    """Seconds of ``dvc repro`` when nothing changed, in a copy of the project (tiny training)."""
+    import yaml
+
+    repo.mkdir(parents=True)
+    for name in ("stages", "dvc.yaml", "params.yaml", ".gitignore"):
+        source = REPO_ROOT / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, repo / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["fetch"]["dataset"] = str(Path(dataset).resolve()) if Path(dataset).exists() else dataset
+    params["prepare"].update(label=label)
+    params["train"].update(epochs=1, widths=[8, 8, 8, 8])
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # dvc runs `python -m stages.X` through the shell: put this interpreter first on PATH.
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    dvc = [sys.executable, "-m", "dvc"]
+    for command in (
+        ["git", "init", "-q"],
+        [*dvc, "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"],
+        [*dvc, "repro", "-q"],
+    ):
+        subprocess.run(command, cwd=repo, env=env, check=True, capture_output=True)
+    started = time.perf_counter()
+    subprocess.run([*dvc, "repro", "-q"], cwd=repo, env=env, check=True, capture_output=True)
+    return round(time.perf_counter() - started, 2)
+
+
+def machine_description() -> str:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    device = f"{len(gpus)} GPU(s)" if gpus else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {device}, TensorFlow {tf.__version__}"
+
+
+def to_markdown(results: dict) -> str:
+    lines = [
+        f"Machine: {results['machine']}  ",
+        f"Dataset: `{results['dataset']}`",
+        "",
+        "| measurement | images/s | compute-only images/s | time lost to input |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    source = results["input"]
+    lines += [
+        f"| input: notebook pipeline (from_generator, map, batch 32) | {source['notebook_images_per_s']:,.0f} | | |",
+        f"| input: project reader | {source['reader_images_per_s']:,.0f} ({source['speedup']}x) | | |",
+        f"| input: project reader + augmentation | {source['reader_augment_images_per_s']:,.0f} "
+        f"({source['speedup_with_augment']}x) | | |",
+    ]
+    for row in results["train"]:
+        lines.append(
+            f"| train: {row['name']} | {row['images_per_s']:,.0f} | {row['compute_only_images_per_s']:,.0f} "
+            f"| {row['input_bound_fraction']:.1%} |"
+        )
+    lines += [
+        f"| prepare ({results['prepare']['images']:,} images, {results['prepare']['seconds']} s) "
+        f"| {results['prepare']['images_per_s']:,.0f} | | |",
+        "",
+        f"Baseline speed-up, project settings over notebook settings: {results['baseline_speedup']}x  ",
+        f"No-op `dvc repro`: {results['noop_dvc_repro_seconds']} s",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.benchmark", description="measure the pipeline against the notebook")
+    parser.add_argument("--dataset", default="synthetic", help="hub id, local hub-layout directory, or 'synthetic'")
+    parser.add_argument("--label", default="", help="class-label column (default: prepare.label, or fine_label for synthetic)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks", help="where results.json/.md go")
+    parser.add_argument("--train-images", type=int, default=6000, help="images per timed training run")
+    parser.add_argument("--input-images", type=int, default=5000, help="images pulled from the notebook pipeline")
+    args = parser.parse_args()
+    setup_logging()
+    label = args.label or (None if args.dataset == "synthetic" else load_params(REPO_ROOT / "params.yaml").prepare.label)
+    results = run_benchmark(args.dataset, label, args.out, args.train_images, args.input_images)
+    print(to_markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Classify image files with the trained model: ``python -m stages.predict IMAGE_OR_DIR ...``.
+
+Each file (PNG, JPEG, ...; any mode or size) is converted to 32x32 RGB exactly as ``prepare``
+converts the dataset, then the model's top-k classes are printed with their probabilities.
+A directory classifies every image file in it. A file that cannot be read gets a one-line
+error on stderr and the others are still classified; the exit status is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stages.common import StageError, one_line, setup_logging
+from stages.images import decode_image, to_rgb_uint8
+from stages.paths import ProjectPaths
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    file: str
+    top_k: list[tuple[str, float]] | None = None  # (class name, probability), best first
+    error: str | None = None
+
+
+def expand_inputs(arguments: list[Path]) -> list[Path]:
+    """Files as given; a directory becomes its image files (by suffix), sorted."""
+    files = []
+    for argument in arguments:
+        if argument.is_dir():
+            files += sorted(path for path in argument.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(argument)
+    return files
+
+
+def load_images(files: list[Path]) -> tuple[list[np.ndarray], list[Prediction]]:
+    """(32x32 RGB uint8 pixels of every readable file, in order; a Prediction with the error of each other)."""
+    images, failures = [], []
+    for path in files:
+        try:
+            pixels, _ = to_rgb_uint8(decode_image(path.read_bytes()))
+            images.append(pixels)
+        except (OSError, ValueError) as error:
+            failures.append(Prediction(str(path), error=one_line(error)))
+            images.append(None)
+    return images, failures
+
+
+def top_k_classes(probabilities: np.ndarray, class_names: list[str], k: int) -> list[list[tuple[str, float]]]:
+    """For each row of [N, C] probabilities, the k most likely (class, probability), best first."""
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return [[(class_names[c], float(row[c])) for c in indices] for row, indices in zip(probabilities, order)]
+
+
+def predict_files(model, files: list[Path], k: int = 5, tta_flip: bool = False) -> list[Prediction]:
+    """A Prediction for each file, in order: its top-k classes, or its error."""
+    from stages.evaluate import predict_probabilities
+    from stages.network import class_names_of
+
+    images, failures = load_images(files)
+    failed = {failure.file: failure for failure in failures}
+    readable = [pixels for pixels in images if pixels is not None]
+    ranked = []
+    if readable:
+        probabilities = predict_probabilities(model, np.stack(readable), batch_size=256, tta_flip=tta_flip)
+        ranked = top_k_classes(probabilities, class_names_of(model), k)
+    results, next_ranked = [], iter(ranked)
+    for path, pixels in zip(files, images):
+        results.append(failed[str(path)] if pixels is None else Prediction(str(path), top_k=next(next_ranked)))
+    return results
+
+
+def format_text(prediction: Prediction) -> str:
+    return f"{prediction.file}: " + ", ".join(f"{name} {probability:.1%}" for name, probability in prediction.top_k)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="+", type=Path, help="image files or directories of images")
+    parser.add_argument("--model", type=Path, default=ProjectPaths().model_file, help="a .keras model (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=5, help="classes to show per image (default: %(default)s)")
+    parser.add_argument("--tta-flip", action="store_true", help="average with the mirrored image, as evaluate does")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines of text")
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error("--top-k must be >= 1")
+    setup_logging()
+    from stages.evaluate import load_model
+
+    try:
+        model = load_model(args.model)
+    except StageError as error:
+        print(f"error: predict: {one_line(error)}", file=sys.stderr)
+        return 1
+    files = expand_inputs(args.inputs)
+    if not files:
+        print("error: predict: no image files found in " + ", ".join(map(str, args.inputs)), file=sys.stderr)
+        return 1
+    results = predict_files(model, files, args.top_k, args.tta_flip)
+    for result in results:
+        if result.error:
+            print(f"error: predict: {result.file}: {result.error}", file=sys.stderr)
+    if args.json:
+        payload = [
+            {"file": r.file, "error": r.error}
+            if r.error
+            else {"file": r.file, "predictions": [{"class": name, "probability": p} for name, p in r.top_k]}
+            for r in results
+        ]
+        print(json.dumps(payload, indent=2))
+    else:
+        for result in results:
+            if not result.error:
+                print(format_text(result))
+    return 1 if any(result.error for result in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

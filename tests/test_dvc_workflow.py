@@ -1,0 +1,243 @@
+"""The DVC promises, each proven with real ``dvc`` commands in a temporary git repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import STAGE_ENV, make_project, set_params
+
+pytestmark = pytest.mark.slow
+ALL_STAGES = {"fetch", "prepare", "train", "evaluate"}
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "test@localhost",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "test@localhost",
+}
+
+
+def environment() -> dict:
+    # DVC runs `python -m stages.X` through the shell: it must find this interpreter first.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, **STAGE_ENV, **GIT_ENV, "PATH": path}
+
+
+def sh(root: Path, *command: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=root, env=environment(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def dvc(root: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return sh(root, sys.executable, "-m", "dvc", *args, **kwargs)
+
+
+def stages_run(result: subprocess.CompletedProcess) -> set[str]:
+    return set(re.findall(r"Running stage '([\w-]+)'", result.stdout + result.stderr))
+
+
+def commit(root: Path, message: str) -> None:
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "commit", "-qm", message)
+
+
+def new_repo(root: Path, dataset: Path, **overrides) -> Path:
+    make_project(root, dataset, **overrides)
+    sh(root, "git", "init", "-q", "-b", "main")
+    dvc(root, "init", "-q")
+    dvc(root, "config", "core.analytics", "false")
+    commit(root, "project")
+    return root
+
+
+def metrics(root: Path) -> dict:
+    return json.loads((root / "metrics" / "metrics.json").read_text())
+
+
+@pytest.fixture
+def repo(tmp_path, hub_dataset) -> Path:
+    return new_repo(tmp_path / "repo", hub_dataset)
+
+
+def test_repro_runs_everything_once_then_only_what_changed(repo):
+    assert stages_run(dvc(repo, "repro")) == ALL_STAGES
+    second = dvc(repo, "repro")
+    assert stages_run(second) == set()
+    assert "up to date" in second.stdout
+    set_params(repo, **{"train.epochs": 1})
+    assert stages_run(dvc(repo, "repro")) == {"train", "evaluate"}
+    set_params(repo, **{"prepare.val_fraction": 0.2})
+    assert stages_run(dvc(repo, "repro")) == {"prepare", "train", "evaluate"}
+
+    # Editing a shared module makes exactly the stages that import it out of date.
+    for module, importers in {
+        "images.py": {"prepare"},
+        "records.py": {"prepare", "train", "evaluate"},
+        "network.py": {"train", "evaluate"},
+        "augment.py": {"train"},
+        "evaluate.py": {"evaluate"},
+        "common.py": ALL_STAGES,
+    }.items():
+        path = repo / "stages" / module
+        original = path.read_text()
+        path.write_text(original + "\n# an edit\n")
+        changed = json.loads(dvc(repo, "status", "--json").stdout)
+        path.write_text(original)
+        assert set(changed) == importers, module
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+
+
+def test_metrics_and_params_diff_between_commits(repo):
+    dvc(repo, "repro")
+    commit(repo, "two epochs")
+    sh(repo, "git", "checkout", "-qb", "one-epoch")
+    set_params(repo, **{"train.epochs": 1, "train.learning_rate": 0.05})
+    dvc(repo, "repro")
+    commit(repo, "one epoch")
+    metrics_diff = json.loads(dvc(repo, "metrics", "diff", "main", "one-epoch", "--json").stdout)
+    changed = metrics_diff["metrics/metrics.json"]
+    assert {"accuracy", "top5_accuracy", "loss", "num_examples"} <= set(changed)
+    assert changed["loss"]["old"] != changed["loss"]["new"]
+    params_diff = json.loads(dvc(repo, "params", "diff", "main", "one-epoch", "--json").stdout)["params.yaml"]
+    assert params_diff["train.epochs"] == {"old": 2, "new": 1}
+    assert params_diff["train.learning_rate"] == {"old": 0.1, "new": 0.05}
+
+
+def exp_rows(root: Path) -> list[dict]:
+    """(params, metrics) of every experiment and commit that ``dvc exp show --json`` lists."""
+    rows = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            data = node.get("data")
+            if isinstance(data, dict) and "params" in data:
+                params = data["params"].get("params.yaml", {}).get("data", {})
+                found = data.get("metrics", {}).get("metrics/metrics.json", {}).get("data", {})
+                rows.append({"name": node.get("name") or data.get("name"), "params": params, "metrics": found})
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(dvc(root, "exp", "show", "--json").stdout))
+    return rows
+
+
+def test_experiments_run_queue_and_show(repo):
+    dvc(repo, "repro")
+    commit(repo, "baseline run")
+    dvc(repo, "exp", "run", "-n", "one-epoch", "-S", "train.epochs=1")
+    for rate in (0.05, 0.2):
+        dvc(repo, "exp", "run", "--queue", "-S", f"train.learning_rate={rate}")
+    dvc(repo, "queue", "start", "-j", "1")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = dvc(repo, "queue", "status").stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(3)
+    assert "Failed" not in status, status
+    rows = exp_rows(repo)
+    by_rate = {row["params"]["train"]["learning_rate"]: row for row in rows if row["params"].get("train")}
+    assert {0.05, 0.2} <= set(by_rate), rows
+    for rate in (0.05, 0.2):
+        assert 0.0 <= by_rate[rate]["metrics"]["accuracy"] <= 1.0
+    assert any(row["params"]["train"]["epochs"] == 1 and row["metrics"].get("accuracy") is not None for row in rows)
+    dvc(repo, "queue", "stop", check=False)
+
+
+def test_push_remove_pull_restores_everything(repo, tmp_path):
+    dvc(repo, "repro")
+    dvc(repo, "remote", "add", "-d", "storage", str(tmp_path / "remote"))
+    dvc(repo, "push")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    for output in ("data/raw", "data/prepared", "models/model.keras", "models/history.json", "plots"):
+        path = repo / output
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    dvc(repo, "pull")
+    assert (repo / "models" / "model.keras").is_file()
+    assert (repo / "data" / "prepared" / "dataset.json").is_file()
+    status = dvc(repo, "status")
+    assert "up to date" in status.stdout, status.stdout
+
+
+def test_same_params_and_seed_give_the_same_metrics(repo):
+    dvc(repo, "repro")
+    first = (repo / "metrics" / "metrics.json").read_text()
+    first_curves = (repo / "dvclive" / "plots" / "metrics" / "eval" / "loss.tsv").read_text()
+    assert stages_run(dvc(repo, "repro", "-f", "train")) >= {"train"}
+    assert (repo / "metrics" / "metrics.json").read_text() == first
+    assert (repo / "dvclive" / "plots" / "metrics" / "eval" / "loss.tsv").read_text() == first_curves
+
+
+def start_train(root: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.train"],
+        cwd=root,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def stop_after_first_epoch(process: subprocess.Popen, root: Path, sig: int) -> int:
+    """Send ``sig`` once the first epoch is checkpointed; return the exit status."""
+    state = root / "checkpoints" / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "training ended before it could be interrupted"
+    process.send_signal(sig)
+    process.communicate(timeout=120)
+    return process.returncode
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["killed", "interrupted"])
+def test_interrupted_train_resumes_to_the_same_result(repo, sig):
+    set_params(repo, **{"train.epochs": 12})
+    dvc(repo, "repro", "prepare")
+    status = stop_after_first_epoch(start_train(repo), repo, sig)
+    assert status == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
+    assert not (repo / "models" / "model.keras").exists()
+    state = json.loads((repo / "checkpoints" / "state.json").read_text())
+    assert 1 <= state["epoch"] < 12
+
+    resumed = dvc(repo, "repro")
+    assert f"resuming from {repo / 'checkpoints'} after epoch {state['epoch']} of 12" in resumed.stderr + resumed.stdout
+    resumed_metrics = metrics(repo)
+    resumed_history = json.loads((repo / "models" / "history.json").read_text())
+    assert [row["epoch"] for row in resumed_history["epochs"]] == list(range(1, 13))
+
+    uninterrupted = dvc(repo, "repro", "-f", "train")
+    assert "resuming" not in uninterrupted.stderr + uninterrupted.stdout
+    assert metrics(repo) == resumed_metrics
+
+
+def test_changed_params_start_afresh(repo):
+    set_params(repo, **{"train.epochs": 12})
+    dvc(repo, "repro", "prepare")
+    stop_after_first_epoch(start_train(repo), repo, signal.SIGKILL)
+    set_params(repo, **{"train.learning_rate": 0.05})
+    result = dvc(repo, "repro")
+    output = result.stderr + result.stdout
+    assert "from other params or data: starting afresh" in output and "resuming" not in output
+    history = yaml.safe_load((repo / "models" / "history.json").read_text())
+    assert history["epochs_completed"] == 12

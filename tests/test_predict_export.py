@@ -1,0 +1,113 @@
+"""Using the trained model: the predict command and the serving export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages import export, predict, train
+from stages.evaluate import load_model
+from stages.params import ExportParams
+from stages.synthetic import COARSE_NAMES, make_image
+from tests.conftest import STAGE_ENV
+from tests.test_train_evaluate import FAST_TRAIN, copy_prepared
+
+
+@pytest.fixture(scope="module")
+def trained(prepared_paths, tmp_path_factory):
+    paths = copy_prepared(prepared_paths, tmp_path_factory.mktemp("trained"))
+    train.run(FAST_TRAIN, paths)
+    return paths
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    """Images of 3 coarse classes in different modes and sizes, a broken one and a text file."""
+    rng = np.random.default_rng(0)
+    directory = tmp_path / "images"
+    directory.mkdir()
+    Image.fromarray(make_image(0, rng)).save(directory / "a_rgb.png")
+    Image.fromarray(make_image(5 * 7, rng, size=48)).convert("L").save(directory / "b_gray_big.jpg")
+    Image.fromarray(make_image(5 * 12 + 3, rng)).convert("RGBA").save(directory / "c_rgba.png")
+    (directory / "d_broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (directory / "notes.txt").write_text("not an image")
+    return directory
+
+
+def test_predictions_match_the_model_in_memory(trained, image_dir):
+    model = load_model(trained.model_file)
+    files = predict.expand_inputs([image_dir])
+    assert [path.name for path in files] == ["a_rgb.png", "b_gray_big.jpg", "c_rgba.png", "d_broken.png"]
+    results = predict.predict_files(model, files, k=3)
+    assert results[3].error and "not a readable image" in results[3].error
+    images = np.stack([predict.to_rgb_uint8(predict.decode_image(path.read_bytes()))[0] for path in files[:3]])
+    expected = model.predict(images, verbose=0).argmax(axis=1)
+    for result, label in zip(results[:3], expected):
+        assert result.error is None and len(result.top_k) == 3
+        assert result.top_k[0][0] == COARSE_NAMES[label]
+        probabilities = [p for _, p in result.top_k]
+        assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1 + 1e-6
+
+
+def run_predict(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "stages.predict", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **STAGE_ENV},
+        timeout=300,
+    )
+
+
+def test_command_prints_json_reports_bad_files_and_exits_1(trained, image_dir):
+    result = run_predict("--model", str(trained.model_file), "--json", "--top-k", "2", str(image_dir))
+    assert result.returncode == 1
+    payload = json.loads(result.stdout)
+    assert [entry["file"].rsplit("/", 1)[-1] for entry in payload] == [
+        "a_rgb.png",
+        "b_gray_big.jpg",
+        "c_rgba.png",
+        "d_broken.png",
+    ]
+    assert all(len(entry["predictions"]) == 2 for entry in payload[:3])
+    assert "error" in payload[3]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "d_broken.png" in errors[0]
+
+
+def test_command_exits_0_when_every_file_reads(trained, image_dir):
+    result = run_predict("--model", str(trained.model_file), str(image_dir / "a_rgb.png"), str(image_dir / "c_rgba.png"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(str(image_dir / "a_rgb.png") + ": ")
+
+
+def test_missing_model_is_one_line_error():
+    result = run_predict("--model", "/nonexistent/model.keras", "x.png")
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith("error: predict: ")
+
+
+def test_export_gives_the_same_predictions(trained):
+    import tensorflow as tf
+
+    written = export.run(ExportParams(tflite=True), trained)
+    assert "saved_model" in written
+    images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    expected = load_model(trained.model_file).predict(images, verbose=0)
+    saved_model = tf.saved_model.load(str(trained.export_dir / "saved_model"))  # keep a reference: it owns the variables
+    served = saved_model.serve(tf.constant(images))
+    np.testing.assert_allclose(served.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert (trained.export_dir / "class_names.txt").read_text().split() == COARSE_NAMES
+    if "model.tflite" in written:
+        interpreter = tf.lite.Interpreter(model_path=str(trained.export_dir / "model.tflite"))
+        interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], images.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], images)
+        interpreter.invoke()
+        np.testing.assert_allclose(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), expected, atol=1e-4)

@@ -1,0 +1,126 @@
+"""Bad input gives a one-line error naming what and where, exit status 1, and no output."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stages.synthetic import make_rows, write_hub_dataset
+from tests.conftest import make_project, run_stage, set_params
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def dataset_with(tmp_path, train_rows, test_rows=None, **kwargs):
+    return write_hub_dataset(tmp_path / "dataset", {"train": train_rows, "test": test_rows or make_rows(20, 9)}, **kwargs)
+
+
+def fetched_project(tmp_path, dataset):
+    root = make_project(tmp_path / "project", dataset)
+    result = run_stage(root, "fetch")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+def test_unreachable_hub_dataset_says_how_to_work_offline(tmp_path, hub_dataset):
+    root = make_project(tmp_path / "project", hub_dataset, **{"fetch.dataset": "no-such-user/no-such-dataset"})
+    result = run_stage(root, "fetch")
+    assert_one_line_error(result, "cannot load dataset 'no-such-user/no-such-dataset'", "point fetch.dataset at a local copy")
+    assert not (root / "data" / "raw").exists()
+
+
+def test_dataset_without_test_split_is_refused(tmp_path):
+    dataset = write_hub_dataset(tmp_path / "dataset", {"train": make_rows(20, 1)})
+    root = make_project(tmp_path / "project", dataset)
+    assert_one_line_error(run_stage(root, "fetch"), "has no split(s) ['test']")
+    assert not (root / "data" / "raw").exists()
+
+
+def test_label_that_is_not_a_class_label_is_refused(tmp_path):
+    dataset = dataset_with(tmp_path, make_rows(20, 1), plain_int_columns=("coarse_label",))
+    root = make_project(tmp_path / "project", dataset)
+    assert_one_line_error(run_stage(root, "fetch"), "label column(s) ['coarse_label'] are not class labels")
+    assert not (root / "data" / "raw").exists()
+
+
+def test_corrupt_image_names_split_and_row(tmp_path):
+    rows = make_rows(30, 1)
+    rows[17] = type(rows[17])(b"\x89PNG\r\n\x1a\n garbage", rows[17].fine_label, rows[17].coarse_label)
+    root = fetched_project(tmp_path, dataset_with(tmp_path, rows))
+    assert_one_line_error(run_stage(root, "prepare"), "split 'train', row 17", "not a readable image")
+    assert not (root / "data" / "prepared").exists()
+
+
+def test_label_out_of_range_names_split_and_row(tmp_path):
+    dataset = dataset_with(tmp_path, make_rows(30, 1))
+    path = dataset / "data" / "test-00000-of-00001.parquet"
+    table = pq.read_table(path)
+    coarse = table.column("coarse_label").to_pylist()
+    coarse[4] = 20  # 20 classes: 0..19
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("coarse_label"), "coarse_label", pa.array(coarse, pa.int64())), path
+    )
+    root = make_project(tmp_path / "project", dataset)
+    fetch_result = run_stage(root, "fetch")
+    if fetch_result.returncode != 0:  # the datasets library may already refuse it: then fetch must say so
+        assert_one_line_error(fetch_result, "coarse_label")
+        return
+    assert_one_line_error(run_stage(root, "prepare"), "split 'test', row 4", "label 20 out of range 0..19")
+    assert not (root / "data" / "prepared").exists()
+
+
+def test_empty_split_is_refused_by_fetch(tmp_path):
+    dataset = write_hub_dataset(tmp_path / "dataset", {"train": make_rows(20, 1), "test": []})
+    root = make_project(tmp_path / "project", dataset)
+    result = run_stage(root, "fetch")
+    assert result.returncode == 1
+    assert "test" in result.stderr.splitlines()[-1] and result.stderr.splitlines()[-1].startswith("error: fetch: ")
+    assert not (root / "data" / "raw").exists()
+
+
+def test_empty_split_is_refused_by_prepare():
+    import datasets
+
+    from stages.common import StageError
+    from stages.prepare import decode_split
+
+    empty = datasets.Dataset.from_dict(
+        {"img": [], "label": []}, features=datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
+    )
+    with pytest.raises(StageError, match="split 'val' is empty"):
+        decode_split(empty, "val", "img", "label", num_classes=1)
+
+
+def test_missing_upstream_artifacts_say_which_stage_to_run(project):
+    assert_one_line_error(run_stage(project, "prepare"), "data/raw not found", "dvc repro fetch")
+    assert_one_line_error(run_stage(project, "train"), "dataset.json not found", "dvc repro prepare")
+    assert_one_line_error(run_stage(project, "evaluate"), "dataset.json not found")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"train.epoch": 3}, "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
+        ({"prepare.val_fraction": 1.5}, "'prepare.val_fraction' must be < 1.0"),
+        ({"prepare.label": "fine_labels"}, "prepare.label 'fine_labels' is not a column"),
+    ],
+)
+def test_bad_params_stop_the_stage_with_the_key_named(tmp_path, hub_dataset, edit, message):
+    root = fetched_project(tmp_path, hub_dataset)
+    if "train.epoch" in edit:
+        import yaml
+
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["train"]["epoch"] = 3
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+    else:
+        set_params(root, **edit)
+    assert_one_line_error(run_stage(root, "prepare"), message)
+    assert not (root / "data" / "prepared").exists()
