@@ -22,8 +22,9 @@ _MAX_SHARD_SIZE = "500MB"  # CIFAR-100 fits one file per split: DVC hashes a han
 
 def offline_hint(dataset: str) -> str:
     return (
-        f"to work offline, point fetch.dataset at a local copy laid out like the hub repository "
-        f"(parquet files + README.md card), e.g. dvc repro -S fetch.dataset=/path/to/{dataset.split('/')[-1]}"
+        "to work offline, point fetch.dataset at a local copy laid out like the hub repository "
+        "(parquet files + README.md card): set it in params.yaml, or "
+        f"dvc exp run -S fetch.dataset=/path/to/{dataset.split('/')[-1]}"
     )
 
 
@@ -65,6 +66,8 @@ def load(params: FetchParams, local_cache_dir: Path):
     local = Path(source).expanduser()
     if local.exists() and not local.is_dir():
         raise StageError(f"fetch.dataset {source!r} is a file; give a hub id or a directory")
+    if source.startswith(("/", "./", "../", "~")) and not local.exists():
+        raise StageError(f"fetch.dataset {source!r}: no such directory")
     try:
         if local.is_dir():
             log.info("loading local dataset directory %s", local)

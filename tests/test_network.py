@@ -101,6 +101,15 @@ def test_flip_really_mirrors_left_right():
     assert any(np.array_equal(result[0], images.numpy()[0][:, ::-1]) for result in flips)
 
 
+def test_crop_and_flip_gives_a_window_of_the_padded_image_or_its_mirror():
+    images = np.random.default_rng(6).integers(1, 256, (8, 8, 8, 1), dtype=np.uint8)
+    result = crop_and_flip(tf.constant(images), tf.constant([3, 9], tf.int64), padding=2).numpy()
+    for image, out in zip(images, result):
+        padded = np.pad(image[:, :, 0], 2)
+        windows = [padded[r : r + 8, c : c + 8] for r in range(5) for c in range(5)]
+        assert any(np.array_equal(out[:, :, 0], w) or np.array_equal(out[:, :, 0], w[:, ::-1]) for w in windows)
+
+
 def test_crop_is_a_shifted_window_of_the_zero_padded_image():
     image = np.random.default_rng(5).integers(1, 256, (1, 8, 8, 1), dtype=np.uint8)
     padded = np.pad(image[0, :, :, 0], 2)

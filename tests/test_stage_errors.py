@@ -36,6 +36,12 @@ def test_unreachable_hub_dataset_says_how_to_work_offline(tmp_path, hub_dataset)
     assert not (root / "data" / "raw").exists()
 
 
+def test_missing_local_directory_is_named(tmp_path, hub_dataset):
+    root = make_project(tmp_path / "project", hub_dataset, **{"fetch.dataset": str(tmp_path / "nowhere")})
+    assert_one_line_error(run_stage(root, "fetch"), f"fetch.dataset '{tmp_path / 'nowhere'}': no such directory")
+    assert not (root / "data" / "raw").exists()
+
+
 def test_dataset_without_test_split_is_refused(tmp_path):
     dataset = write_hub_dataset(tmp_path / "dataset", {"train": make_rows(20, 1)})
     root = make_project(tmp_path / "project", dataset)
