@@ -108,13 +108,13 @@ def test_metrics_and_params_diff_between_commits(repo):
     set_params(repo, **{"train.epochs": 1, "train.learning_rate": 0.05})
     dvc(repo, "repro")
     commit(repo, "one epoch")
-    metrics_diff = json.loads(dvc(repo, "metrics", "diff", "main", "one-epoch", "--json").stdout)
+    metrics_diff = json.loads(dvc(repo, "metrics", "diff", "main", "one-epoch", "--all", "--json").stdout)
     changed = metrics_diff["metrics/metrics.json"]
     assert {"accuracy", "top5_accuracy", "loss", "num_examples"} <= set(changed)
     assert changed["loss"]["old"] != changed["loss"]["new"]
     params_diff = json.loads(dvc(repo, "params", "diff", "main", "one-epoch", "--json").stdout)["params.yaml"]
-    assert params_diff["train.epochs"] == {"old": 2, "new": 1}
-    assert params_diff["train.learning_rate"] == {"old": 0.1, "new": 0.05}
+    assert (params_diff["train.epochs"]["old"], params_diff["train.epochs"]["new"]) == (2, 1)
+    assert (params_diff["train.learning_rate"]["old"], params_diff["train.learning_rate"]["new"]) == (0.1, 0.05)
 
 
 def exp_rows(root: Path) -> list[dict]:
