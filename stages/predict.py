@@ -41,17 +41,13 @@ def expand_inputs(arguments: list[Path]) -> list[Path]:
     return files
 
 
-def load_images(files: list[Path]) -> tuple[list[np.ndarray], list[Prediction]]:
-    """(32x32 RGB uint8 pixels of every readable file, in order; a Prediction with the error of each other)."""
-    images, failures = [], []
-    for path in files:
-        try:
-            pixels, _ = to_rgb_uint8(decode_image(path.read_bytes()))
-            images.append(pixels)
-        except (OSError, ValueError) as error:
-            failures.append(Prediction(str(path), error=one_line(error)))
-            images.append(None)
-    return images, failures
+def load_image(path: Path) -> np.ndarray | str:
+    """The file as 32x32 RGB uint8 pixels, converted as ``prepare`` converts, or why it cannot be read."""
+    try:
+        pixels, _ = to_rgb_uint8(decode_image(path.read_bytes()))
+        return pixels
+    except (OSError, ValueError) as error:
+        return one_line(error)
 
 
 def top_k_classes(probabilities: np.ndarray, class_names: list[str], k: int) -> list[list[tuple[str, float]]]:
@@ -65,17 +61,16 @@ def predict_files(model, files: list[Path], k: int = 5, tta_flip: bool = False) 
     from stages.evaluate import predict_probabilities
     from stages.network import class_names_of
 
-    images, failures = load_images(files)
-    failed = {failure.file: failure for failure in failures}
-    readable = [pixels for pixels in images if pixels is not None]
-    ranked = []
+    loaded = [load_image(path) for path in files]
+    readable = [pixels for pixels in loaded if not isinstance(pixels, str)]
+    ranked = iter([])
     if readable:
         probabilities = predict_probabilities(model, np.stack(readable), batch_size=256, tta_flip=tta_flip)
-        ranked = top_k_classes(probabilities, class_names_of(model), k)
-    results, next_ranked = [], iter(ranked)
-    for path, pixels in zip(files, images):
-        results.append(failed[str(path)] if pixels is None else Prediction(str(path), top_k=next(next_ranked)))
-    return results
+        ranked = iter(top_k_classes(probabilities, class_names_of(model), k))
+    return [
+        Prediction(str(path), error=pixels) if isinstance(pixels, str) else Prediction(str(path), top_k=next(ranked))
+        for path, pixels in zip(files, loaded)
+    ]
 
 
 def format_text(prediction: Prediction) -> str:
