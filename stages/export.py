@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from stages.common import StageError, atomic_output, one_line, run_main
+from stages.common import atomic_output, one_line, run_main
 from stages.params import ExportParams, load_params
 from stages.paths import ProjectPaths
 
@@ -21,6 +21,7 @@ def run(params: ExportParams, paths: ProjectPaths) -> list[str]:
     import tensorflow as tf
 
     from stages.evaluate import load_model
+    from stages.network import class_names_of
 
     model = load_model(paths.model_file)
     written = []
@@ -35,10 +36,8 @@ def run(params: ExportParams, paths: ProjectPaths) -> list[str]:
                 written.append("model.tflite")
             except Exception as error:  # conversion support varies by op; the SavedModel still serves
                 log.warning("TFLite conversion failed, SavedModel only: %s", one_line(error)[:300])
-        (staged / "class_names.txt").write_text("\n".join(model.get_layer("class_names").class_names) + "\n")
+        (staged / "class_names.txt").write_text("\n".join(class_names_of(model)) + "\n")
         written.append("class_names.txt")
-    if not written:
-        raise StageError("nothing exported")
     log.info("exported %s to %s", written, paths.export_dir)
     return written
 
