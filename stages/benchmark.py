@@ -64,9 +64,8 @@ def notebook_input(hf_split, image_column: str, label_column: str, batch_size: i
     return dataset.map(lambda image, label: (image, label)).batch(batch_size)
 
 
-def timed_fit(model, batches, num_steps: int) -> float:
+def timed_fit(model, batches, num_steps: int, batch_size: int) -> float:
     """Images/s of one ``model.fit`` over ``num_steps`` batches (the step is already traced)."""
-    batch_size = int(next(iter(batches))[0].shape[0])
     started = time.perf_counter()
     model.fit(batches, steps_per_epoch=num_steps, epochs=1, verbose=0, shuffle=False)
     return num_steps * batch_size / (time.perf_counter() - started)
@@ -94,7 +93,7 @@ def measure_training(name, model_factory, real_batches, images_per_run: int, rep
     best = {kind: 0.0 for kind in sources}
     for _ in range(repeats):
         for kind, batches in sources.items():
-            best[kind] = max(best[kind], timed_fit(models[kind], batches, steps))
+            best[kind] = max(best[kind], timed_fit(models[kind], batches, steps, batch_size))
     row = {
         "name": name,
         "batch_size": batch_size,
