@@ -173,7 +173,8 @@ def run_benchmark(dataset: str, label: str, out_dir: Path, images_per_run: int, 
 
         import tensorflow as tf
 
-        device = train.resolve_device_settings(train_params, len(tf.config.list_physical_devices("GPU")))
+        num_gpus = len(tf.config.list_physical_devices("GPU"))
+        device = train.resolve_device_settings(train_params, num_gpus, train.cpu_has_bfloat16())
 
         def factory(arch, train_settings, notebook=False):
             """A fresh compiled model: the notebook's float32 single-step graph, or what `auto` picks here."""

@@ -65,7 +65,7 @@ class TrainParams:
     time_budget_minutes: float | None = _param(
         None, "stop after the epoch that exhausts this wall-clock budget; null: no budget", gt=0.0
     )
-    mixed_precision: Literal["auto", "on", "off"] = _param("auto", "bfloat16/float16 compute; auto: on a GPU only")
+    mixed_precision: Literal["auto", "on", "off"] = _param("auto", "bfloat16/float16 compute; auto: on a GPU or a bfloat16 CPU")
     jit_compile: Literal["auto", "on", "off"] = _param("auto", "XLA compilation; auto: on a GPU only")
     steps_per_execution: int | None = _param(None, "batches per graph call; null: 16 on a GPU, 1 on a CPU", ge=1)
     distribute: Literal["auto", "off", "mirrored"] = _param(

@@ -124,16 +124,32 @@ class DeviceSettings:
     steps_per_execution: int
 
 
-def resolve_device_settings(params: TrainParams, num_gpus: int) -> DeviceSettings:
-    """GPU: bfloat16/float16 compute, XLA and 16 steps per call; CPU: float32, no XLA, 1 step."""
+def resolve_device_settings(params: TrainParams, num_gpus: int, cpu_has_bfloat16: bool = False) -> DeviceSettings:
+    """What ``auto`` means here.
+
+    GPU: bfloat16 (float16 before Ampere) compute, XLA and 16 steps per graph call.
+    CPU: one step per call and no XLA (slower than oneDNN's kernels on a CPU); bfloat16 compute
+    where the CPU has native bfloat16 dot products (AVX512_BF16/AMX), where oneDNN runs the
+    convolutions about 1.3-1.4x faster than in float32, else float32.
+    """
     on_gpu = num_gpus > 0
-    mixed = params.mixed_precision == "on" or (params.mixed_precision == "auto" and on_gpu)
+    mixed = params.mixed_precision == "on" or (params.mixed_precision == "auto" and (on_gpu or cpu_has_bfloat16))
     policy = "float32"
     if mixed:
         policy = "mixed_bfloat16" if (not on_gpu or _gpus_support_bfloat16()) else "mixed_float16"
     jit = params.jit_compile == "on" or (params.jit_compile == "auto" and on_gpu)
     steps = params.steps_per_execution or (16 if on_gpu else 1)
     return DeviceSettings(num_gpus, policy, jit, steps)
+
+
+def cpu_has_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this (Linux, x86) CPU has native bfloat16 instructions; False where that can't be read."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _gpus_support_bfloat16() -> bool:
@@ -254,7 +270,7 @@ def run(params: TrainParams, paths: ProjectPaths) -> dict:
         raise StageError(f"train.batch_size={params.batch_size} exceeds the {num_train} train examples in {paths.prepared_dir}")
 
     num_gpus = len(tf.config.list_physical_devices("GPU"))
-    settings = resolve_device_settings(params, num_gpus)
+    settings = resolve_device_settings(params, num_gpus, cpu_has_bfloat16())
     keras.utils.set_random_seed(params.seed)
     if num_gpus == 0:
         tf.config.experimental.enable_op_determinism()  # same params + seed -> same model on CPU

@@ -93,6 +93,25 @@ def test_device_settings_auto_resolve_by_hardware():
     assert (cpu.mixed_precision_policy, cpu.jit_compile, cpu.steps_per_execution) == ("float32", False, 1)
     forced = train.resolve_device_settings(TrainParams(mixed_precision="on", jit_compile="on", steps_per_execution=4), num_gpus=0)
     assert (forced.mixed_precision_policy, forced.jit_compile, forced.steps_per_execution) == ("mixed_bfloat16", True, 4)
+    bf16_cpu = train.resolve_device_settings(TrainParams(), num_gpus=0, cpu_has_bfloat16=True)
+    assert (bf16_cpu.mixed_precision_policy, bf16_cpu.jit_compile, bf16_cpu.steps_per_execution) == ("mixed_bfloat16", False, 1)
+    switched_off = train.resolve_device_settings(TrainParams(mixed_precision="off"), num_gpus=0, cpu_has_bfloat16=True)
+    assert switched_off.mixed_precision_policy == "float32"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "expected"),
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 avx512_vnni\n", True),
+        ("processor\t: 0\nflags\t\t: fpu sse amx_tile amx_bf16\n", True),
+        ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n", False),
+        ("Features\t: fp asimd\n", False),
+    ],
+)
+def test_cpu_bfloat16_detection_reads_the_flags(tmp_path, cpuinfo, expected):
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    assert train.cpu_has_bfloat16(tmp_path / "cpuinfo") is expected
+    assert train.cpu_has_bfloat16(tmp_path / "missing") is False
 
 
 DISTRIBUTED_SCRIPT = """
