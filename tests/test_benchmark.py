@@ -1,0 +1,53 @@
+"""The benchmark command runs end to end on a small dataset and reports every figure it promises.
+
+Its numbers are not checked here (timings on a shared machine are noise in a test); the README
+reports them from full runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from stages.paths import REPO_ROOT
+
+
+@pytest.mark.slow
+def test_benchmark_writes_every_measurement(hub_dataset, tmp_path):
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "stages.benchmark", "--dataset", str(hub_dataset), "--label", "fine_label"]
+    command += ["--out", str(out), "--train-images", "256", "--input-images", "64", "--repeats", "1"]
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["prepare"]["images"] == 800 and results["prepare"]["images_per_s"] > 0
+    source = results["input"]
+    assert min(source["notebook_images_per_s"], source["reader_images_per_s"], source["reader_augment_images_per_s"]) > 0
+    assert [row["batch_size"] for row in results["train"]] == [32, 256, 256]
+    for row in results["train"]:
+        assert row["images_per_s"] > 0 and row["compute_only_images_per_s"] > 0
+        assert row["end_to_end_fraction_of_compute"] == pytest.approx(
+            row["images_per_s"] / row["compute_only_images_per_s"], abs=2e-3
+        )
+    assert results["baseline_speedup"] == pytest.approx(
+        results["train"][1]["images_per_s"] / results["train"][0]["images_per_s"], abs=0.01
+    )
+    assert [step["name"].split(" ")[0] for step in results["baseline_steps"]] == ["notebook", "+", "+", "+"]
+    assert all(step["compute_only_images_per_s"] > 0 for step in results["baseline_steps"])
+    assert 0 < results["noop_dvc_repro_seconds"] < 60
+
+    table = (out / "results.md").read_text()
+    for heading in (
+        "input: notebook pipeline",
+        "input: project reader + augmentation",
+        "train: baseline, notebook settings",
+        "train: default",
+        "prepare (800 images",
+        "No-op `dvc repro`",
+        "+ fused BatchNorm",
+    ):
+        assert heading in table
