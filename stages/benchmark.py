@@ -220,10 +220,7 @@ def run_benchmark(dataset: str, label: str, out_dir: Path, images_per_run: int, 
         spec = train.input_spec(info)
         steps_per_epoch = num_train // train_params.batch_size
 
-        import tensorflow as tf
-
-        num_gpus = len(tf.config.list_physical_devices("GPU"))
-        device = train.resolve_device_settings(train_params, num_gpus, train.cpu_has_bfloat16())
+        device = train.device_settings_here(train_params)
 
         def factory(arch, train_settings, policy, stock_batch_norm=False):
             """A fresh compiled model at ``policy``; the graph settings `auto` picks here, or the
