@@ -22,7 +22,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages import hardware
 from stages.common import run_main
 from stages.params import load_params
 from stages.paths import REPO_ROOT, ProjectPaths
@@ -180,6 +180,7 @@ def run_benchmark(dataset: str, label: str, out_dir: Path, images_per_run: int, 
         total = sum(split.num_examples for split in info.splits.values())
         results = {
             "machine": machine_description(),
+            "machine_report": dataclasses.asdict(hardware.machine_report()),
             "dataset": dataset,
             "prepare": {"images": total, "seconds": round(prepare_seconds, 2), "images_per_s": round(total / prepare_seconds, 1)},
         }
@@ -221,6 +222,13 @@ def run_benchmark(dataset: str, label: str, out_dir: Path, images_per_run: int, 
         steps_per_epoch = num_train // train_params.batch_size
 
         device = train.device_settings_here(train_params)
+        results["compute"] = {  # what the project's rows ran with (the notebook's rows: float32, Keras BatchNorm)
+            "onednn": results["machine_report"]["onednn"],
+            "policy": device.mixed_precision_policy,
+            "bfloat16": device.mixed_precision_policy == "mixed_bfloat16",
+            "fused_batch_norm": True,
+            "xla": device.jit_compile,
+        }
 
         def factory(arch, train_settings, policy, stock_batch_norm=False):
             """A fresh compiled model at ``policy``; the graph settings `auto` picks here, or the
@@ -344,16 +352,19 @@ def noop_repro_seconds(dataset: str, label: str, repo: Path) -> float:
 
 
 def machine_description() -> str:
+    """The CPU, its training-relevant flags, oneDNN, GPUs and TensorFlow's version, on one line."""
     import tensorflow as tf
 
-    gpus = tf.config.list_physical_devices("GPU")
-    device = f"{len(gpus)} GPU(s)" if gpus else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {device}, TensorFlow {tf.__version__}"
+    return f"{hardware.machine_report().describe()}; TensorFlow {tf.__version__}"
 
 
 def to_markdown(results: dict) -> str:
+    compute = results["compute"]
     lines = [
         f"Machine: {results['machine']}  ",
+        f"Project rows: {compute['policy']} compute ({'bfloat16' if compute['bfloat16'] else 'float32'}), "
+        f"oneDNN {'on' if compute['onednn'] else 'off'}, fused BatchNorm {'on' if compute['fused_batch_norm'] else 'off'}, "
+        f"XLA {'on' if compute['xla'] else 'off'}; notebook rows: float32, Keras BatchNorm  ",
         f"Dataset: `{results['dataset']}`",
         "",
         "| measurement | images/s | compute-only images/s | end to end / compute-only |",

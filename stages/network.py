@@ -58,7 +58,8 @@ class FusedBatchNormalization(layers.BatchNormalization):
     does the same in one pass over memory and made the baseline's training step about 1.5x
     faster on a 2-core CPU. Same weights, same output, same moving-average update (with the
     biased batch variance, as Keras); inference and every case the kernel does not cover
-    (masks, renorm, non-NHWC axes, other backends) fall back to the Keras layer.
+    (masks, renorm, synchronized statistics, non-NHWC axes, other backends) fall back to the
+    Keras layer.
     """
 
     def _fusable(self, inputs, training, mask) -> bool:
@@ -72,6 +73,7 @@ class FusedBatchNormalization(layers.BatchNormalization):
             and self.center
             and self.scale
             and not self.renorm
+            and not self.synchronized  # statistics over all replicas need Keras' all-reduced moments
         )
 
     def call(self, inputs, training=None, mask=None):

@@ -9,6 +9,7 @@ the same params and data, and ends exactly where an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,12 +17,14 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import tensorflow as tf
 
+from stages import hardware
 from stages.augment import crop_and_flip
 from stages.common import StageError, atomic_output, remove_path, run_main
 from stages.network import InputSpec, build_network
@@ -32,7 +35,7 @@ from stages.records import DatasetInfo, read_split
 log = logging.getLogger(__name__)
 
 _STATE_FILE = "state.json"
-_METRIC_NAMES = ("loss", "accuracy", "top5_accuracy")
+_NOT_LIVE_METRICS = ("epoch", "epoch_fraction", "seconds")  # history keys that are not metrics
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -40,13 +43,22 @@ _METRIC_NAMES = ("loss", "accuracy", "top5_accuracy")
 
 @keras.saving.register_keras_serializable(package="cifar100_dvc")
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then constant, linear or cosine decay to 0."""
+    """Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then constant, linear or cosine decay to 0.
 
-    def __init__(self, peak: float, warmup_steps: int, total_steps: int, decay: str):
+    With ``budget_spent`` (a variable holding the share of a time budget used, 0..1) the schedule
+    runs at the pace of whichever is further along, the steps or the clock: on a machine too slow
+    to finish ``total_steps`` in the budget, the whole schedule (warm-up and decay) is compressed
+    into the budget, so training still ends with the rate decayed to 0 instead of at its peak.
+    """
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, decay: str, budget_spent=None):
         self.peak, self.warmup_steps, self.total_steps, self.decay = peak, warmup_steps, total_steps, decay
+        self.budget_spent = budget_spent  # run state, not config: never serialized
 
     def __call__(self, step):
         step = keras.ops.cast(step, "float32")
+        if self.budget_spent is not None:
+            step = keras.ops.maximum(step, keras.ops.cast(self.budget_spent, "float32") * self.total_steps)
         warmup = keras.ops.minimum(1.0, (step + 1.0) / max(1, self.warmup_steps))
         progress = keras.ops.clip((step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps), 0.0, 1.0)
         if self.decay == "linear":
@@ -84,13 +96,14 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
-def make_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """The optimizer of ``params`` with its warm-up + decay learning-rate schedule."""
+def make_optimizer(params: TrainParams, steps_per_epoch: int, budget_spent=None) -> keras.optimizers.Optimizer:
+    """The optimizer of ``params`` with its warm-up + decay learning-rate schedule (see WarmupSchedule)."""
     schedule = WarmupSchedule(
         peak=params.learning_rate,
         warmup_steps=int(round(params.warmup_epochs * steps_per_epoch)),
         total_steps=params.epochs * steps_per_epoch,
         decay=params.schedule,
+        budget_spent=budget_spent,
     )
     if params.optimizer == "sgd":
         return keras.optimizers.SGD(schedule, momentum=params.momentum, nesterov=True, weight_decay=params.weight_decay or None)
@@ -100,10 +113,15 @@ def make_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizer
 
 
 def compile_model(
-    model: keras.Model, params: TrainParams, steps_per_epoch: int, jit_compile: bool, steps_per_execution: int
+    model: keras.Model,
+    params: TrainParams,
+    steps_per_epoch: int,
+    jit_compile: bool,
+    steps_per_execution: int,
+    budget_spent=None,
 ) -> None:
     model.compile(
-        optimizer=make_optimizer(params, steps_per_epoch),
+        optimizer=make_optimizer(params, steps_per_epoch, budget_spent),
         loss=SmoothedSparseCrossentropy(params.label_smoothing),
         metrics=[
             keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
@@ -143,18 +161,10 @@ def resolve_device_settings(params: TrainParams, num_gpus: int, cpu_has_bfloat16
 
 
 def device_settings_here(params: TrainParams) -> DeviceSettings:
-    """``resolve_device_settings`` for the GPUs and CPU of this machine."""
-    return resolve_device_settings(params, len(tf.config.list_physical_devices("GPU")), cpu_has_bfloat16())
-
-
-def cpu_has_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this (Linux, x86) CPU has native bfloat16 instructions; False where that can't be read."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """``resolve_device_settings`` for the GPUs and CPU of this machine (see stages.hardware)."""
+    return resolve_device_settings(
+        params, len(tf.config.list_physical_devices("GPU")), hardware.cpu_has_bfloat16(hardware.cpu_flags())
+    )
 
 
 def _gpus_support_bfloat16() -> bool:
@@ -198,43 +208,83 @@ def input_spec(info: DatasetInfo) -> InputSpec:
     return InputSpec(tuple(info.image_shape), tuple(info.class_names), tuple(info.mean_rgb), tuple(info.std_rgb))
 
 
-# ---------------------------------------------------------------- checkpoints
+@contextlib.contextmanager
+def process_settings(seed: int, policy: str, deterministic: bool) -> Iterator[None]:
+    """Seed Keras/TF/NumPy, set the dtype policy and op determinism for one run; restore the
+    policy and determinism afterwards, so a run in a long-lived process (a test session, a
+    notebook) leaves the next one as it found it. Seeds are not restored: every run sets its own."""
+    from tensorflow.python.framework import config as tf_config
+
+    saved_policy = keras.mixed_precision.global_policy()
+    saved_determinism = tf_config.is_op_determinism_enabled()
+    keras.utils.set_random_seed(seed)
+    keras.mixed_precision.set_global_policy(policy)
+    if deterministic:
+        tf_config.enable_op_determinism()
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(saved_policy)
+        if not saved_determinism:
+            tf_config.disable_op_determinism()
+
+
+# ---------------------------------------------------------------- callbacks and checkpoints
+
+
+class TrainingClock(keras.callbacks.Callback):
+    """Training's wall clock and step count; with a budget, it tells the learning-rate schedule
+    the share spent (before every step) and stops training at the first step after it is spent."""
+
+    def __init__(self, started: float, budget_minutes: float | None, budget_spent=None):
+        super().__init__()
+        self.started = started
+        self.budget_seconds = budget_minutes * 60.0 if budget_minutes else None
+        self.budget_spent = budget_spent  # the schedule's variable, or None without a budget
+        self.steps_in_epoch = 0
+        self.exhausted = False
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.steps_in_epoch = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.budget_spent is not None:
+            self.budget_spent.assign(min(1.0, self.seconds() / self.budget_seconds))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps_in_epoch = batch + 1  # `batch` is the last step of the call (steps_per_execution)
+        if self.budget_seconds is not None and self.seconds() >= self.budget_seconds:
+            self.exhausted = True
+            self.model.stop_training = True
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """After each epoch: save the whole compiled model, then a state file naming it (atomic order)."""
+    """After each epoch: record its history row, save weights and optimizer state, then a state
+    file naming them (atomic order: the state file is replaced last)."""
 
-    def __init__(self, directory: Path, run_fingerprint: str, history: list[dict], started: float):
+    def __init__(self, directory: Path, run_fingerprint: str, history: list[dict], clock: TrainingClock, steps_per_epoch: int):
         super().__init__()
-        self.directory, self.run_fingerprint, self.history, self.started = directory, run_fingerprint, history, started
+        self.directory, self.run_fingerprint, self.history = directory, run_fingerprint, history
+        self.clock, self.steps_per_epoch = clock, steps_per_epoch
 
     def on_epoch_end(self, epoch: int, logs=None):
         row = {"epoch": epoch + 1, **{key: float(value) for key, value in (logs or {}).items()}}
-        row["seconds"] = round(time.perf_counter() - self.started, 3)
+        # An epoch cut short by the time budget counts for the share of its steps that ran.
+        row["epoch_fraction"] = round(self.clock.steps_in_epoch / self.steps_per_epoch, 6)
+        row["seconds"] = round(self.clock.seconds(), 3)
         self.history.append(row)
-        model_name = f"epoch-{epoch + 1:04d}.keras"
-        self.model.save(self.directory / model_name)
-        state = {"fingerprint": self.run_fingerprint, "epoch": epoch + 1, "model": model_name, "history": self.history}
+        weights_name = f"epoch-{epoch + 1:04d}.weights.h5"
+        self.model.save_weights(self.directory / weights_name)
+        state = {"fingerprint": self.run_fingerprint, "epoch": epoch + 1, "weights": weights_name, "history": self.history}
         staged = self.directory / f".{_STATE_FILE}.tmp"
         staged.write_text(json.dumps(state, indent=1))
         os.replace(staged, self.directory / _STATE_FILE)
-        for old in self.directory.glob("epoch-*.keras"):
-            if old.name != model_name:
+        for old in self.directory.glob("epoch-*"):
+            if old.name != weights_name:
                 old.unlink()
-
-
-class TimeBudget(keras.callbacks.Callback):
-    """Stop training at the first step after ``minutes`` of wall-clock training time."""
-
-    def __init__(self, minutes: float, started: float):
-        super().__init__()
-        self.seconds, self.started = minutes * 60.0, started
-        self.exhausted = False
-
-    def on_train_batch_end(self, batch, logs=None):
-        if time.perf_counter() - self.started >= self.seconds:
-            self.exhausted = True
-            self.model.stop_training = True
 
 
 def load_checkpoint(directory: Path, run_fingerprint: str) -> dict | None:
@@ -246,7 +296,7 @@ def load_checkpoint(directory: Path, run_fingerprint: str) -> dict | None:
         state = json.loads(state_path.read_text())
     except ValueError:
         state = {}
-    if state.get("fingerprint") != run_fingerprint or not (directory / str(state.get("model"))).is_file():
+    if state.get("fingerprint") != run_fingerprint or not (directory / str(state.get("weights"))).is_file():
         log.info("checkpoint in %s is from other params or data: starting afresh", directory)
         clear_checkpoints(directory)
         return None
@@ -269,39 +319,68 @@ def clear_checkpoints(directory: Path) -> None:
 def run(params: TrainParams, paths: ProjectPaths) -> dict:
     """Train, write the model and history atomically, and return the history summary."""
     info = DatasetInfo.read(paths.prepared_dir)
-    num_train = info.splits["train"].num_examples
-    steps_per_epoch = num_train // params.batch_size
-    if steps_per_epoch == 0:
-        raise StageError(f"train.batch_size={params.batch_size} exceeds the {num_train} train examples in {paths.prepared_dir}")
-
+    steps_per_epoch = _steps_per_epoch(params, info, paths)
     settings = device_settings_here(params)
-    keras.utils.set_random_seed(params.seed)
-    if settings.num_gpus == 0:
-        tf.config.experimental.enable_op_determinism()  # same params + seed -> same model on CPU
-    keras.mixed_precision.set_global_policy(settings.mixed_precision_policy)
+    log.info("machine: %s", hardware.machine_report().describe())
     log.info(
-        "device: %d GPU(s); policy %s; XLA %s; %d step(s) per execution",
+        "device settings: %d GPU(s); policy %s; XLA %s; %d step(s) per execution",
         settings.num_gpus,
         settings.mixed_precision_policy,
         settings.jit_compile,
         settings.steps_per_execution,
     )
+    with process_settings(params.seed, settings.mixed_precision_policy, deterministic=settings.num_gpus == 0):
+        paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        run_fingerprint = fingerprint(params, paths.prepared_dir)
+        state = load_checkpoint(paths.checkpoint_dir, run_fingerprint)
+        history: list[dict] = list(state["history"]) if state else []
+        strategy = make_strategy(params.distribute)
+        model, budget_spent = _build_or_resume(params, info, settings, strategy, steps_per_epoch, paths, state)
+        seconds_before = history[-1]["seconds"] if history else 0.0  # a resumed run's budget counts earlier epochs
+        clock = TrainingClock(time.perf_counter() - seconds_before, params.time_budget_minutes, budget_spent)
+        _fit(model, params, info, paths, steps_per_epoch, history, clock, run_fingerprint)
+        summary = _summary(params, model, settings, steps_per_epoch, history, clock)
+        inference_model = _without_optimizer(model, strategy)
+    with atomic_output(paths.model_file) as staged:
+        inference_model.save(staged)
+    with atomic_output(paths.history_file) as staged:
+        staged.write_text(json.dumps(summary, indent=2) + "\n")
+    clear_checkpoints(paths.checkpoint_dir)  # done: a later run starts afresh
+    log.info(
+        "wrote %s after %.2f epochs (%d images) in %.0f s; stopped by %s",
+        paths.model_file,
+        summary["epochs_done"],
+        summary["images_seen"],
+        summary["train_seconds"],
+        summary["stop_reason"],
+    )
+    return summary
 
-    paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    run_fingerprint = fingerprint(params, paths.prepared_dir)
-    state = load_checkpoint(paths.checkpoint_dir, run_fingerprint)
-    history: list[dict] = list(state["history"]) if state else []
-    initial_epoch = state["epoch"] if state else 0
 
-    strategy = make_strategy(params.distribute)
+def _steps_per_epoch(params: TrainParams, info: DatasetInfo, paths: ProjectPaths) -> int:
+    num_train = info.splits["train"].num_examples
+    if num_train < params.batch_size:
+        raise StageError(f"train.batch_size={params.batch_size} exceeds the {num_train} train examples in {paths.prepared_dir}")
+    return num_train // params.batch_size
+
+
+def _build_or_resume(params, info, settings, strategy, steps_per_epoch, paths, state):
+    """(compiled model, the schedule's budget variable or None): fresh, or with the checkpoint's
+    weights and optimizer state loaded into it when resuming."""
     with strategy.scope():
+        budget_spent = keras.Variable(0.0, trainable=False, name="budget_spent") if params.time_budget_minutes else None
+        model = build_network(params.arch, input_spec(info), params.widths)
+        compile_model(model, params, steps_per_epoch, settings.jit_compile, settings.steps_per_execution, budget_spent)
         if state:
-            log.info("resuming from %s after epoch %d of %d", paths.checkpoint_dir, initial_epoch, params.epochs)
-            model = keras.models.load_model(paths.checkpoint_dir / state["model"])
-        else:
-            model = build_network(params.arch, input_spec(info), params.widths)
-            compile_model(model, params, steps_per_epoch, settings.jit_compile, settings.steps_per_execution)
+            log.info("resuming from %s after epoch %d of %d", paths.checkpoint_dir, state["epoch"], params.epochs)
+            model.optimizer.build(model.trainable_variables)  # its slots must exist to be loaded into
+            model.load_weights(paths.checkpoint_dir / state["weights"])
+    return model, budget_spent
 
+
+def _fit(model, params, info, paths, steps_per_epoch, history, clock, run_fingerprint) -> None:
+    """Fit from the epoch after the last one in ``history``, logging to dvclive and checkpointing."""
+    initial_epoch = len(history)
     train_batches = read_split(
         paths.prepared_dir,
         "train",
@@ -322,15 +401,10 @@ def run(params: TrainParams, paths: ProjectPaths) -> dict:
     live = Live(dir=str(paths.live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
     for row in history:  # a resumed run replays its earlier epochs so the curves are whole
         for key, value in row.items():
-            if key not in ("epoch", "seconds"):
+            if key not in _NOT_LIVE_METRICS:
                 live.log_metric(standardize_metric_name(key, "dvclive.keras"), value)
         live.next_step()
-
-    started = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
-    callbacks = [EpochCheckpoint(paths.checkpoint_dir, run_fingerprint, history, started), DVCLiveCallback(live=live)]
-    budget = TimeBudget(params.time_budget_minutes, started) if params.time_budget_minutes else None
-    if budget:
-        callbacks.append(budget)
+    checkpoint = EpochCheckpoint(paths.checkpoint_dir, run_fingerprint, history, clock, steps_per_epoch)
     if initial_epoch < params.epochs:
         model.fit(
             train_batches,
@@ -338,30 +412,38 @@ def run(params: TrainParams, paths: ProjectPaths) -> dict:
             initial_epoch=initial_epoch,
             steps_per_epoch=steps_per_epoch,
             validation_data=val_batches,
-            callbacks=callbacks,
+            callbacks=[clock, checkpoint, DVCLiveCallback(live=live)],
             verbose=1 if sys.stdout.isatty() else 2,
             shuffle=False,  # the reader already shuffles, seeded
         )
-    else:
-        live.end()
+    # What was actually done, beside the last epoch's metrics (`dvc exp show`, `dvc metrics diff`).
+    epochs_done = sum(row.get("epoch_fraction", 1.0) for row in history)
+    live.summary["epochs_done"] = round(epochs_done, 4)
+    live.summary["images_seen"] = int(round(epochs_done * steps_per_epoch * params.batch_size))
+    live.summary["stopped_by_time_budget"] = int(clock.exhausted)
+    live.make_summary()
+    live.end()
 
-    summary = {
+
+def _summary(params, model, settings, steps_per_epoch, history, clock) -> dict:
+    """What models/history.json records: the run's outcome and every epoch's row."""
+    epochs_done = sum(row.get("epoch_fraction", 1.0) for row in history)
+    return {
         "arch": params.arch,
-        "epochs_completed": len(history),
-        "stopped_by_time_budget": bool(budget and budget.exhausted),
+        "epochs_planned": params.epochs,
+        "epochs_completed": sum(1 for row in history if row.get("epoch_fraction", 1.0) >= 1.0),
+        "epochs_done": round(epochs_done, 4),
+        "images_seen": int(round(epochs_done * steps_per_epoch * params.batch_size)),
+        "stop_reason": "time_budget" if clock.exhausted else "epochs",
+        "stopped_by_time_budget": clock.exhausted,
+        "time_budget_minutes": params.time_budget_minutes,
         "train_seconds": history[-1]["seconds"] if history else 0.0,
+        "final_learning_rate": float(model.optimizer.learning_rate),
         "trainable_parameters": int(sum(math.prod(w.shape) for w in model.trainable_weights)),
         "device": settings.__dict__,
+        "machine": hardware.machine_report().__dict__,
         "epochs": history,
     }
-    inference_model = _without_optimizer(model, strategy)
-    with atomic_output(paths.model_file) as staged:
-        inference_model.save(staged)
-    with atomic_output(paths.history_file) as staged:
-        staged.write_text(json.dumps(summary, indent=2) + "\n")
-    clear_checkpoints(paths.checkpoint_dir)  # done: a later run starts afresh
-    log.info("wrote %s after %d epochs in %.0f s", paths.model_file, summary["epochs_completed"], summary["train_seconds"])
-    return summary
 
 
 def _without_optimizer(model: keras.Model, strategy: tf.distribute.Strategy) -> keras.Model:

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from stages import hardware
 from stages.paths import REPO_ROOT
 
 
@@ -24,6 +25,10 @@ def test_benchmark_writes_every_measurement(hub_dataset, tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
 
     results = json.loads((out / "results.json").read_text())
+    machine = results["machine_report"]
+    assert set(machine["cpu_flags"]) <= set(hardware.REPORTED_FLAGS) and machine["onednn"] is True
+    assert results["compute"]["policy"] in ("float32", "mixed_bfloat16") and results["compute"]["fused_batch_norm"]
+    assert results["compute"]["bfloat16"] == (results["compute"]["policy"] == "mixed_bfloat16")
     assert results["prepare"]["images"] == 800 and results["prepare"]["images_per_s"] > 0
     source = results["input"]
     assert min(source["notebook_images_per_s"], source["reader_images_per_s"], source["reader_augment_images_per_s"]) > 0
@@ -42,6 +47,8 @@ def test_benchmark_writes_every_measurement(hub_dataset, tmp_path):
 
     table = (out / "results.md").read_text()
     for heading in (
+        "oneDNN on",
+        "Project rows: ",
         "input: notebook pipeline",
         "input: project reader + augmentation",
         "train: baseline, notebook settings",
