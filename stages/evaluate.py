@@ -86,43 +86,89 @@ def load_model(model_file: Path):
 # ---------------------------------------------------------------- plots
 
 
+CUT_SHORT_LABEL = "cut short by the time budget"
+
+
+def epoch_positions(history: dict) -> tuple[list[float], bool]:
+    """(x of each history row in epochs, whether the last row's epoch was cut short by the time budget).
+
+    A row's optional ``epoch_fraction`` (share of the epoch's steps that ran, 1.0 if absent)
+    puts a cut-short epoch at its fractional position; without it, the summary's
+    ``stopped_by_time_budget`` still marks the last epoch as cut short.
+    """
+    rows = history["epochs"]
+    positions = [row["epoch"] - 1 + row.get("epoch_fraction", 1.0) for row in rows]
+    cut_short = bool(rows) and bool(history.get("stopped_by_time_budget")) and rows[-1].get("epoch_fraction", 0.0) < 1.0
+    return positions, cut_short
+
+
 def plot_training_curves(history: dict, path: Path) -> None:
+    """Loss and accuracy per epoch; an epoch cut short by the time budget is a hollow marker at its fraction."""
     import matplotlib.pyplot as plt
 
-    epochs = [row["epoch"] for row in history["epochs"]]
+    positions, cut_short = epoch_positions(history)
+    full = len(positions) - 1 if cut_short else len(positions)
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for axis, metric, title in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "top-1 accuracy")):
         for prefix, label in (("", "train"), ("val_", "val")):
             values = [row.get(prefix + metric) for row in history["epochs"]]
-            if any(value is not None for value in values):
-                axis.plot(epochs, values, marker="o", label=label)
+            if all(value is None for value in values):
+                continue
+            (line,) = axis.plot(positions, values, label=label)
+            axis.plot(positions[:full], values[:full], "o", color=line.get_color())
+            if cut_short:
+                axis.plot(positions[-1], values[-1], "o", color=line.get_color(), markerfacecolor="none")
+        if cut_short:
+            axis.plot([], [], "o", color="gray", markerfacecolor="none", label=CUT_SHORT_LABEL)
         axis.set_xlabel("epoch")
         axis.set_title(title)
         axis.grid(alpha=0.3)
         axis.legend()
-    figure.suptitle(f"{history['arch']}: {history['epochs_completed']} epochs, {history['train_seconds']:.0f} s")
+    epochs = f"{positions[-1]:.2f}".rstrip("0").rstrip(".") if positions else "0"
+    note = f" ({CUT_SHORT_LABEL})" if cut_short else ""
+    figure.suptitle(f"{history['arch']}: {epochs} epochs{note}, {history['train_seconds']:.0f} s")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
-def plot_confusion_matrix(counts: np.ndarray, class_names: list[str], path: Path) -> None:
-    """Row-normalized, log-colored, one labeled tick per class: readable at 100 classes."""
-    import matplotlib.pyplot as plt
+CONFUSION_SHARE_FLOOR = 1e-3  # log colour scale from 0.1% to 100% of a true class
+
+
+def confusion_colors(counts: np.ndarray, cmap_name: str = "viridis"):
+    """(RGBA [C, C, 4] of each cell's share of its true class, the colour map, the norm).
+
+    The scale is logarithmic so that rare confusions stay visible at 100 classes; a share of
+    0 (no prediction) cannot sit on it, so it takes the floor's colour, the lowest, rather
+    than rendering blank like missing data.
+    """
+    import matplotlib
     from matplotlib.colors import LogNorm
+
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    cmap = matplotlib.colormaps[cmap_name]
+    norm = LogNorm(vmin=CONFUSION_SHARE_FLOOR, vmax=1.0, clip=True)
+    return cmap(norm(np.maximum(shares, CONFUSION_SHARE_FLOOR))), cmap, norm
+
+
+def plot_confusion_matrix(counts: np.ndarray, class_names: list[str], path: Path) -> None:
+    """Row-normalized, log-colored (zero at the lowest colour), one labeled tick per class: readable at 100 classes."""
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
 
     num_classes = len(class_names)
     side = max(6.0, num_classes * 0.16)
-    rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    colors, cmap, norm = confusion_colors(counts)
     figure, axis = plt.subplots(figsize=(side + 2, side))
-    image = axis.imshow(np.where(rows > 0, rows, np.nan), cmap="viridis", norm=LogNorm(vmin=1e-3, vmax=1.0))
+    axis.imshow(colors, interpolation="nearest")
     font = 10 if num_classes <= 20 else 6
     axis.set_xticks(range(num_classes), class_names, rotation=90, fontsize=font)
     axis.set_yticks(range(num_classes), class_names, fontsize=font)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
-    axis.set_title("confusion matrix (share of each true class)")
-    figure.colorbar(image, ax=axis, fraction=0.03)
+    axis.set_title("confusion matrix: share of each true class predicted as each class")
+    colorbar = figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axis, fraction=0.03, extend="min")
+    colorbar.set_label(f"share of the true class (log scale; {CONFUSION_SHARE_FLOOR:.1%} or less, including 0: lowest colour)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

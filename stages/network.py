@@ -55,11 +55,12 @@ class FusedBatchNormalization(layers.BatchNormalization):
 
     Keras 3 normalizes a training batch with separate moments, cast and arithmetic ops
     (keras-team/keras-core#225); one FusedBatchNormV3 kernel (oneDNN on a CPU, cuDNN on a GPU)
-    does the same in one pass over memory and made the baseline's training step about 1.5x
-    faster on a 2-core CPU. Same weights, same output, same moving-average update (with the
-    biased batch variance, as Keras); inference and every case the kernel does not cover
-    (masks, renorm, synchronized statistics, non-NHWC axes, other backends) fall back to the
-    Keras layer.
+    does the same in one pass over memory. In the README's benchmark (baseline, batch 256,
+    float32, compute-only, one change at a time, 2-core CPU) it raised training from 583 and
+    554 to 738 and 739 images/s in two runs: 1.29x the notebook's settings. Same weights, same
+    output, same moving-average update (with the biased batch variance, as Keras); inference
+    and every case the kernel does not cover (masks, renorm, synchronized statistics, non-NHWC
+    axes, other backends) fall back to the Keras layer.
     """
 
     def _fusable(self, inputs, training, mask) -> bool:

@@ -2,8 +2,9 @@
 
 Splits: ``train`` and ``val`` (carved from the raw train split, stratified by class, seeded)
 and ``test`` (the raw test split, never used for model selection). ``dataset.json`` records
-the class names from the dataset's own features, counts per split and class, the train
-split's per-channel mean and standard deviation, and the shard list.
+the class names from the dataset's own features (with the known misnamings of
+``KNOWN_CLASS_NAME_FIXES`` corrected, and which ones were), counts per split and class, the
+train split's per-channel mean and standard deviation, and the shard list.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ from stages.records import DatasetInfo, SplitInfo, write_shards
 log = logging.getLogger(__name__)
 
 _READ_BATCH = 1000  # rows per Arrow read while decoding
+
+# (label column, name in the dataset's features) -> the class's real name. Class names travel
+# from the features into dataset.json, the model, the plots and predict, so a typo in a dataset
+# card would reach every user; corrected here, in one visible place, and logged when applied.
+KNOWN_CLASS_NAME_FIXES = {
+    ("fine_label", "cra"): "crab",  # uoft-cs/cifar100's card (and dataset_infos.json) name fine class 26 "cra"
+}
 
 
 @dataclass
@@ -86,6 +94,18 @@ def class_names_for(features, label_column: str) -> list[str]:
     return list(features[label_column].names)
 
 
+def fix_class_names(class_names: list[str], label_column: str) -> tuple[list[str], dict[str, str]]:
+    """(``class_names`` with ``KNOWN_CLASS_NAME_FIXES`` applied, {old name: new name} of each fix applied)."""
+    fixed, renamed = [], {}
+    for name in class_names:
+        new_name = KNOWN_CLASS_NAME_FIXES.get((label_column, name))
+        if new_name is not None and new_name not in class_names:  # never create a duplicate name
+            renamed[name] = new_name
+            name = new_name
+        fixed.append(name)
+    return fixed, renamed
+
+
 def decode_split(dataset, split: str, image_column: str, label_column: str, num_classes: int) -> DecodedSplit:
     """Decode every row of ``dataset`` to 32x32 RGB uint8; raise StageError naming a bad row."""
     from datasets import Image
@@ -139,7 +159,9 @@ def run(params: PrepareParams, paths: ProjectPaths) -> DatasetInfo:
         raise StageError(f"{paths.raw_dir} is not a saved dataset ({type(error).__name__}: {error}); run fetch again") from None
     features = raw["train"].features
     image_column = find_image_column(features)
-    class_names = class_names_for(features, params.label)
+    class_names, renamed_classes = fix_class_names(class_names_for(features, params.label), params.label)
+    for old_name, new_name in renamed_classes.items():
+        log.info("class %r of %s renamed %r: a known misnaming in the dataset's card", old_name, params.label, new_name)
 
     decoded = {}
     for split in ("train", "test"):
@@ -169,6 +191,7 @@ def run(params: PrepareParams, paths: ProjectPaths) -> DatasetInfo:
         info = DatasetInfo(
             label_column=params.label,
             class_names=class_names,
+            renamed_classes=renamed_classes,
             image_shape=list(IMAGE_SHAPE),
             mean_rgb=mean_rgb,
             std_rgb=std_rgb,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ class DatasetInfo:
     splits: dict[str, SplitInfo]
     resized_images: dict[str, int]  # per split: images that were not 32x32
     converted_modes: dict[str, dict[str, int]]  # per split: non-RGB source modes and counts
+    renamed_classes: dict[str, str] = field(default_factory=dict)  # name in the dataset's card -> name in class_names
 
     @property
     def num_classes(self) -> int:

@@ -24,6 +24,12 @@ NUM_COARSE = 20
 FINE_NAMES = [f"fine_{index:02d}" for index in range(NUM_FINE)]
 COARSE_NAMES = [f"coarse_{index:02d}" for index in range(NUM_COARSE)]
 ODD_MODES = ("L", "LA", "RGBA", "P", "I;16", "CMYK")
+HUB_TYPOS = {26: "cra"}  # fine class -> its name on the hub's card for uoft-cs/cifar100 (26 is crab)
+
+
+def hub_fine_names() -> list[str]:
+    """FINE_NAMES with the hub card's typos for uoft-cs/cifar100 (fine class 26 named "cra")."""
+    return [HUB_TYPOS.get(index, name) for index, name in enumerate(FINE_NAMES)]
 
 
 @dataclass(frozen=True)
@@ -76,10 +82,12 @@ def make_rows(num_rows: int, seed: int, odd_every: int = 0) -> list[Row]:
     return [rows[i] for i in order]
 
 
-def card(splits: list[str], label_columns=("fine_label", "coarse_label"), plain_int_columns=()) -> str:
+def card(
+    splits: list[str], label_columns=("fine_label", "coarse_label"), plain_int_columns=(), class_names: dict | None = None
+) -> str:
     """The README.md dataset card: features (class labels with names) and where each split is."""
     lines = ["---", "dataset_info:", "  features:", "  - name: img", "    dtype: image"]
-    names = {"fine_label": FINE_NAMES, "coarse_label": COARSE_NAMES}
+    names = {"fine_label": FINE_NAMES, "coarse_label": COARSE_NAMES, **(class_names or {})}
     for column in label_columns:
         if column in plain_int_columns:  # declared as a bare integer: not a class label
             lines += [f"  - name: {column}", "    dtype: int64"]
@@ -94,9 +102,17 @@ def card(splits: list[str], label_columns=("fine_label", "coarse_label"), plain_
 
 
 def write_hub_dataset(
-    directory: Path, splits: dict[str, list[Row]], label_columns=("fine_label", "coarse_label"), plain_int_columns=()
+    directory: Path,
+    splits: dict[str, list[Row]],
+    label_columns=("fine_label", "coarse_label"),
+    plain_int_columns=(),
+    class_names: dict | None = None,
 ) -> Path:
-    """Write ``splits`` as parquet files plus a dataset card, like the hub repository."""
+    """Write ``splits`` as parquet files plus a dataset card, like the hub repository.
+
+    ``class_names`` replaces a column's names in the card, e.g. ``{"fine_label": names}`` with
+    a typo that the hub's card carries (``hub_fine_names()``).
+    """
     (directory / "data").mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
         columns = {
@@ -108,7 +124,7 @@ def write_hub_dataset(
         for column in label_columns:
             columns[column] = pa.array([getattr(row, column) for row in rows], type=pa.int64())
         pq.write_table(pa.table(columns), directory / "data" / f"{split}-00000-of-00001.parquet")
-    (directory / "README.md").write_text(card(list(splits), label_columns, plain_int_columns))
+    (directory / "README.md").write_text(card(list(splits), label_columns, plain_int_columns, class_names))
     return directory
 
 

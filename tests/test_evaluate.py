@@ -6,7 +6,16 @@ import math
 
 import numpy as np
 
-from stages.evaluate import class_accuracy, compute_metrics, confusion_matrix, softmax
+from stages.evaluate import (
+    class_accuracy,
+    compute_metrics,
+    confusion_colors,
+    confusion_matrix,
+    epoch_positions,
+    plot_confusion_matrix,
+    plot_training_curves,
+    softmax,
+)
 
 
 def test_metrics_of_known_probabilities():
@@ -40,3 +49,32 @@ def test_confusion_matrix_and_per_class_accuracy():
 def test_softmax_is_stable_and_normalized():
     probabilities = softmax(np.array([[1000.0, 1000.0], [0.0, math.log(3.0)]]))
     np.testing.assert_allclose(probabilities, [[0.5, 0.5], [0.25, 0.75]])
+
+
+def test_confusion_cells_with_no_prediction_take_the_lowest_colour(tmp_path):
+    counts = np.array([[98, 2, 0], [0, 100, 0], [0, 0, 0]])  # class 2: no test example
+    colors, cmap, _ = confusion_colors(counts)
+    lowest = np.array(cmap(0.0))
+    for row, column in [(0, 2), (1, 0), (2, 2)]:
+        np.testing.assert_allclose(colors[row, column], lowest)
+    np.testing.assert_allclose(colors[1, 1], cmap(1.0))  # all of class 1 right: the top colour
+    assert not np.allclose(colors[0, 1], lowest)  # a 2% confusion is visible against empty cells
+    assert np.all(colors[..., 3] == 1.0)  # opaque: nothing renders blank
+    plot_confusion_matrix(counts, ["a", "b", "c"], tmp_path / "confusion_matrix.png")
+    assert (tmp_path / "confusion_matrix.png").stat().st_size > 0
+
+
+def history(stopped_by_time_budget: bool, last_fraction: float | None) -> dict:
+    rows = [{"epoch": epoch, "loss": 3.0 - epoch, "accuracy": 0.1 * epoch, "val_loss": 3.1 - epoch} for epoch in (1, 2, 3)]
+    if last_fraction is not None:
+        rows[-1]["epoch_fraction"] = last_fraction
+    return {"arch": "resnet", "train_seconds": 60.0, "stopped_by_time_budget": stopped_by_time_budget, "epochs": rows}
+
+
+def test_an_epoch_cut_short_by_the_time_budget_sits_at_its_fraction(tmp_path):
+    assert epoch_positions(history(True, 0.4)) == ([1.0, 2.0, 2.4], True)
+    assert epoch_positions(history(False, None)) == ([1.0, 2.0, 3.0], False)
+    assert epoch_positions(history(True, None)) == ([1.0, 2.0, 3.0], True)  # no fraction recorded: still marked
+    assert epoch_positions(history(True, 1.0)) == ([1.0, 2.0, 3.0], False)  # the budget ran out on the epoch's last step
+    plot_training_curves(history(True, 0.4), tmp_path / "training_curves.png")
+    assert (tmp_path / "training_curves.png").stat().st_size > 0

@@ -156,4 +156,10 @@ def test_crop_is_a_shifted_window_of_the_zero_padded_image():
         cropped = random_crop(tf.constant(image), tf.constant([step, 3], tf.int64), padding=2).numpy()[0, :, :, 0]
         windows = [padded[r : r + 8, c : c + 8] for r in range(5) for c in range(5)]
         assert any(np.array_equal(cropped, window) for window in windows)
-    assert random_crop(tf.constant(image), tf.constant([0, 0], tf.int64), padding=0) is not None
+
+
+def test_crop_without_padding_returns_the_images_unchanged():
+    images = np.random.default_rng(7).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    for step in range(5):
+        cropped = random_crop(tf.constant(images), tf.constant([step, 3], tf.int64), padding=0).numpy()
+        np.testing.assert_array_equal(cropped, images)

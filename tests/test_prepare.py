@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
 
 from stages.images import decode_image, to_rgb_uint8
-from stages.prepare import channel_stats, stratified_split
+from stages.prepare import channel_stats, fix_class_names, stratified_split
 from stages.records import DatasetInfo, read_arrays, read_split
-from stages.synthetic import COARSE_NAMES, make_rows
+from stages.synthetic import COARSE_NAMES, FINE_NAMES, hub_fine_names, make_rows, write_hub_dataset
 
 
 def decoded_rows(rows):
@@ -89,3 +90,27 @@ def test_reader_batches_keep_every_example_once(prepared_paths, split):
     info = DatasetInfo.read(prepared_paths.prepared_dir)
     batches = list(read_split(prepared_paths.prepared_dir, split, 64))
     assert sum(len(labels) for _, labels in batches) == info.splits[split].num_examples
+
+
+def test_known_misnamings_are_fixed_only_in_their_column():
+    assert fix_class_names(["crocodile", "cra"], "fine_label") == (["crocodile", "crab"], {"cra": "crab"})
+    assert fix_class_names(["crocodile", "cra"], "coarse_label") == (["crocodile", "cra"], {})
+    assert fix_class_names(["cra", "crab"], "fine_label") == (["cra", "crab"], {})  # never two classes "crab"
+
+
+def test_dataset_json_names_crab_where_the_hub_card_says_cra(tmp_path, caplog):
+    from stages import fetch, prepare
+    from stages.params import FetchParams, PrepareParams
+    from stages.paths import ProjectPaths
+
+    assert hub_fine_names()[26] == "cra"  # the synthetic card carries the hub's typo
+    splits = {"train": make_rows(200, 1), "test": make_rows(100, 2)}
+    dataset = write_hub_dataset(tmp_path / "dataset", splits, class_names={"fine_label": hub_fine_names()})
+    paths = ProjectPaths(tmp_path / "project")
+    fetch.run(FetchParams(dataset=str(dataset)), paths)
+    with caplog.at_level(logging.INFO, logger="stages.prepare"):
+        prepare.run(PrepareParams(label="fine_label", val_fraction=0.5, examples_per_shard=1000), paths)
+    written = json.loads((paths.prepared_dir / "dataset.json").read_text())
+    assert written["class_names"] == FINE_NAMES[:26] + ["crab"] + FINE_NAMES[27:]
+    assert written["renamed_classes"] == {"cra": "crab"}
+    assert "class 'cra' of fine_label renamed 'crab'" in caplog.text

@@ -73,11 +73,7 @@ def test_label_out_of_range_names_split_and_row(tmp_path):
     pq.write_table(
         table.set_column(table.schema.get_field_index("coarse_label"), "coarse_label", pa.array(coarse, pa.int64())), path
     )
-    root = make_project(tmp_path / "project", dataset)
-    fetch_result = run_stage(root, "fetch")
-    if fetch_result.returncode != 0:  # the datasets library may already refuse it: then fetch must say so
-        assert_one_line_error(fetch_result, "coarse_label")
-        return
+    root = fetched_project(tmp_path, dataset)  # datasets 5.2 stores a label outside its ClassLabel's names as it is
     assert_one_line_error(run_stage(root, "prepare"), "split 'test', row 4", "label 20 out of range 0..19")
     assert not (root / "data" / "prepared").exists()
 
@@ -120,13 +116,6 @@ def test_missing_upstream_artifacts_say_which_stage_to_run(project):
 )
 def test_bad_params_stop_the_stage_with_the_key_named(tmp_path, hub_dataset, edit, message):
     root = fetched_project(tmp_path, hub_dataset)
-    if "train.epoch" in edit:
-        import yaml
-
-        params = yaml.safe_load((root / "params.yaml").read_text())
-        params["train"]["epoch"] = 3
-        (root / "params.yaml").write_text(yaml.safe_dump(params))
-    else:
-        set_params(root, **edit)
+    set_params(root, **edit)  # adds the key when params.yaml has none of that name
     assert_one_line_error(run_stage(root, "prepare"), message)
     assert not (root / "data" / "prepared").exists()
