@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from stages.synthetic import make_rows, write_hub_dataset
 from tests.conftest import make_project, run_stage, set_params
@@ -56,11 +59,25 @@ def test_label_that_is_not_a_class_label_is_refused(tmp_path):
     assert not (root / "data" / "raw").exists()
 
 
-def test_corrupt_image_names_split_and_row(tmp_path):
+def png_bomb() -> bytes:
+    """48 KB of PNG that decodes to 400 million pixels."""
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("encoded", "message"),
+    [(b"\x89PNG\r\n\x1a\n garbage", "img is not a readable image"), (png_bomb(), "img is too large to decode")],
+    ids=["corrupt", "oversized"],
+)
+def test_bad_image_names_split_and_row(tmp_path, encoded, message):
     rows = make_rows(30, 1)
-    rows[17] = type(rows[17])(b"\x89PNG\r\n\x1a\n garbage", rows[17].fine_label, rows[17].coarse_label)
+    rows[17] = type(rows[17])(encoded, rows[17].fine_label, rows[17].coarse_label)
     root = fetched_project(tmp_path, dataset_with(tmp_path, rows))
-    assert_one_line_error(run_stage(root, "prepare"), "split 'train', row 17", "not a readable image")
+    result = run_stage(root, "prepare")
+    assert_one_line_error(result, "split 'train', row 17", message)
+    assert "Traceback" not in result.stderr
     assert not (root / "data" / "prepared").exists()
 
 
