@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import shutil
@@ -40,25 +41,43 @@ def run_main(stage_name: str, body: Callable[[], None]) -> None:
         print(f"error: {stage_name}: {one_line(error)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print(f"error: {stage_name}: interrupted; outputs were left untouched", file=sys.stderr)
+        # atomic_output swaps each output in whole, so this holds even mid-write.
+        print(f"error: {stage_name}: interrupted; outputs not yet finished were left as they were", file=sys.stderr)
         sys.exit(130)
+
+
+STAGING_MARK = ".partial-"  # staging folders are ".<output name>.partial-XXXXXXXX"; .gitignore and .dvcignore hide them
+
+
+def staging_prefix(final_path: Path) -> str:
+    """The name prefix of ``final_path``'s staging folders, beside it."""
+    return f".{final_path.name}{STAGING_MARK}"
 
 
 @contextlib.contextmanager
 def atomic_output(final_path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path to write; move it onto ``final_path`` only on success.
+    """Yield a temporary sibling path to write; swap it in for ``final_path`` only on success.
 
-    Works for files and directories. An exception (or a kill) leaves ``final_path`` absent
-    rather than half-written, so DVC never caches a partial artifact.
+    Works for files and directories. Until the swap, ``final_path`` stays as it was (the
+    previous complete output, or absent): an exception, Ctrl-C or a kill never leaves it
+    half-written or missing. A kill -9 leaves a staging folder behind; the next run for the
+    same output deletes it first. That is safe because two runs never write one output at
+    once: DVC holds its repository lock for the whole of ``dvc repro``/``dvc exp run``.
     """
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    remove_path(final_path)
-    staging_dir = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.", dir=final_path.parent))
+    for stale in final_path.parent.glob(glob.escape(staging_prefix(final_path)) + "*"):
+        log.info("removing %s, left by an earlier run that was killed", stale)
+        remove_path(stale)
+    staging_dir = Path(tempfile.mkdtemp(prefix=staging_prefix(final_path), dir=final_path.parent))
     staged = staging_dir / final_path.name
     try:
         yield staged
         if not staged.exists():
             raise RuntimeError(f"nothing was written for {final_path}")
+        if (final_path.is_dir() or staged.is_dir()) and (final_path.exists() or final_path.is_symlink()):
+            # os.replace swaps files atomically but cannot replace a non-empty directory (or a
+            # file by a directory): move the old one into the staging folder, deleted below.
+            os.replace(final_path, staging_dir / f".{final_path.name}.previous")  # never the staged name
         os.replace(staged, final_path)
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
