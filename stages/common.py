@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import gc
 import glob
 import logging
 import os
@@ -33,17 +35,58 @@ def setup_logging() -> None:
 
 
 def run_main(stage_name: str, body: Callable[[], None]) -> None:
-    """Run a stage's body; a StageError becomes one ``error:`` line and exit status 1."""
+    """Run a stage's body; a StageError or an I/O error becomes one ``error:`` line and exit status 1."""
     setup_logging()
     try:
         body()
+        return
     except StageError as error:
-        print(f"error: {stage_name}: {one_line(error)}", file=sys.stderr)
-        sys.exit(1)
+        message, status = one_line(error), 1
     except KeyboardInterrupt:
         # atomic_output swaps each output in whole, so this holds even mid-write.
-        print(f"error: {stage_name}: interrupted; outputs not yet finished were left as they were", file=sys.stderr)
-        sys.exit(130)
+        message, status = "interrupted; outputs not yet finished were left as they were", 130
+    except Exception as error:
+        # A full disk, a file-size limit, a read-only or vanished folder: the user's to fix, and
+        # a traceback would not help. Anything else is a bug, and keeps its traceback.
+        reason = io_error_reason(error)
+        if reason is None:
+            raise
+        filename = getattr(error, "filename", None)
+        where = f"{'cannot write ' if is_write_failure(error) else ''}{filename}: " if filename else ""
+        message, status = where + one_line(reason), 1
+    # Out of the except block, the failed body's frames (model, tf.data iterators, dvclive) are
+    # released; collect them now, while the interpreter is whole, not during its shutdown,
+    # where their finalizers print "Exception ignored ... shutting down" tracebacks.
+    gc.collect()
+    print(f"error: {stage_name}: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+# Errors that only writing can cause (an OSError's errno): file too large, disk full, quota, read-only.
+_WRITE_ERRNOS = (errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def io_error_reason(error: BaseException) -> str | None:
+    """Why an I/O operation failed, if ``error`` is (or was raised from) an OSError or a TensorFlow I/O error."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        if _is_tensorflow_error(seen):
+            # TensorFlow's file errors read '<path>; <strerror>': the path is a staging name.
+            return str(getattr(seen, "message", seen)).rsplit("; ", 1)[-1]
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """Whether ``error`` says a write failed for want of room or permission to grow (EFBIG, ENOSPC, ...)."""
+    return io_error_reason(error) in {os.strerror(code) for code in _WRITE_ERRNOS}
+
+
+def _is_tensorflow_error(error: BaseException) -> bool:
+    # tf.errors.OpError, recognized by name: importing TensorFlow here would slow every stage's start.
+    return any(cls.__name__ == "OpError" and cls.__module__.startswith("tensorflow.") for cls in type(error).__mro__)
 
 
 STAGING_MARK = ".partial-"  # staging folders are ".<output name>.partial-XXXXXXXX"; .gitignore and .dvcignore hide them
@@ -63,6 +106,8 @@ def atomic_output(final_path: Path) -> Iterator[Path]:
     half-written or missing. A kill -9 leaves a staging folder behind; the next run for the
     same output deletes it first. That is safe because two runs never write one output at
     once: DVC holds its repository lock for the whole of ``dvc repro``/``dvc exp run``.
+    An I/O error inside the block (disk full, file too large) becomes a StageError naming
+    ``final_path``, so keep reading outside it.
     """
     final_path.parent.mkdir(parents=True, exist_ok=True)
     for stale in final_path.parent.glob(glob.escape(staging_prefix(final_path)) + "*"):
@@ -71,7 +116,13 @@ def atomic_output(final_path: Path) -> Iterator[Path]:
     staging_dir = Path(tempfile.mkdtemp(prefix=staging_prefix(final_path), dir=final_path.parent))
     staged = staging_dir / final_path.name
     try:
-        yield staged
+        try:
+            yield staged
+        except Exception as error:
+            reason = io_error_reason(error)  # the block only writes: an I/O error is a failed write
+            if reason is None:
+                raise
+            raise StageError(f"cannot write {final_path}: {one_line(reason)}") from None
         if not staged.exists():
             raise RuntimeError(f"nothing was written for {final_path}")
         if (final_path.is_dir() or staged.is_dir()) and (final_path.exists() or final_path.is_symlink()):

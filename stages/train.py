@@ -213,7 +213,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         row["seconds"] = round(time.perf_counter() - self.started, 3)
         self.history.append(row)
         model_name = f"epoch-{epoch + 1:04d}.keras"
-        self.model.save(self.directory / model_name)
+        with atomic_output(self.directory / model_name) as staged_model:  # a failed save leaves no truncated file
+            self.model.save(staged_model)
         state = {"fingerprint": self.run_fingerprint, "epoch": epoch + 1, "model": model_name, "history": self.history}
         staged = self.directory / f".{_STATE_FILE}.tmp"
         staged.write_text(json.dumps(state, indent=1))

@@ -7,6 +7,7 @@ traceback), the files that remain and, for ``predict``, that the good files stil
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stages.paths import ProjectPaths
 from stages.synthetic import COARSE_NAMES, make_image
 from tests.conftest import STAGE_ENV
 
@@ -160,3 +162,83 @@ def test_git_and_dvc_do_not_see_staging_folders(tmp_path):
     assert untracked == ["??", ".dvcignore", "??", ".gitignore"]
     repo = Repo.init(str(tmp_path), no_scm=True, force=True)
     assert repo.dvcignore.is_ignored_dir(str(staging))
+
+
+# ---------------------------------------------------------------- failed writes
+
+
+def test_an_io_error_in_a_stage_is_one_line_naming_the_file(capsys):
+    from stages.common import run_main
+
+    def body() -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/prepared/x.tfrecord")
+
+    with pytest.raises(SystemExit) as exited:
+        run_main("prepare", body)
+    assert exited.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: prepare: cannot write /data/prepared/x.tfrecord: No space left on device"
+    ]
+
+
+def test_a_bug_keeps_its_traceback():
+    from stages.common import run_main
+
+    with pytest.raises(ZeroDivisionError):
+        run_main("prepare", lambda: 1 / 0)
+
+
+def test_a_tensorflow_write_error_names_the_output_and_leaves_nothing(tmp_path):
+    import tensorflow as tf
+
+    from stages.common import StageError, atomic_output
+
+    final = previous_output(tmp_path)
+    with pytest.raises(StageError, match=f"^cannot write {final}: File too large$"), atomic_output(final) as staged:
+        staged.mkdir()
+        raise tf.errors.OutOfRangeError(None, None, f"{staged}/train-00000-of-00001.tfrecord; File too large")
+    assert (final / "dataset.json").read_text() == "previous" and siblings(final) == ["prepared"]
+
+
+def run_stage_with_file_size_limit(root: Path, stage: str, kilobytes: int) -> subprocess.CompletedProcess:
+    """The stage with writes failing past ``kilobytes`` per file (EFBIG; Python ignores SIGXFSZ)."""
+    return subprocess.run(
+        ["bash", "-c", f'ulimit -f {kilobytes} && exec "$0" -m stages.{stage}', sys.executable],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **STAGE_ENV},
+    )
+
+
+def project_with(tmp_path: Path, prepared_paths, *outputs: str) -> Path:
+    """A project whose ``outputs`` (raw_dir, prepared_dir) are copies of the shared fixture's."""
+    import shutil
+
+    from tests.conftest import make_project
+
+    root = make_project(tmp_path / "project", tmp_path / "unused-dataset")
+    for name in outputs:
+        shutil.copytree(getattr(prepared_paths, name), getattr(ProjectPaths(root), name))
+    return root
+
+
+def test_prepare_that_cannot_write_says_so_in_one_line_and_leaves_nothing(tmp_path, prepared_paths):
+    root = project_with(tmp_path, prepared_paths, "raw_dir")
+    result = run_stage_with_file_size_limit(root, "prepare", 100)  # a shard is ~400 KB
+    assert result.returncode == 1
+    assert error_lines(result) == [f"error: prepare: cannot write {root / 'data' / 'prepared'}: File too large"]
+    assert sorted(path.name for path in (root / "data").iterdir()) == ["raw"]
+
+
+@pytest.mark.slow
+def test_train_that_cannot_write_says_so_in_one_line_and_leaves_nothing(tmp_path, prepared_paths):
+    root = project_with(tmp_path, prepared_paths, "prepared_dir")
+    result = run_stage_with_file_size_limit(root, "train", 60)  # a checkpoint is ~120 KB
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"error: train: cannot write {root / 'checkpoints' / 'epoch-0001.keras'}: File too large"
+    ]
+    assert "Exception ignored" not in result.stderr
+    assert list((root / "checkpoints").iterdir()) == [] and not (root / "models").exists()
