@@ -67,6 +67,86 @@ def test_predict_reports_oversized_and_non_image_files_and_classifies_the_rest(p
     assert [line.split(": ")[0] for line in classified] == [str(tmp_path / "a_good.png"), str(tmp_path / "d_good.png")]
 
 
+# ---------------------------------------------------------------- models
+
+
+def foreign_model(path: Path, input_dtype: str = "uint8", input_shape=(32, 32, 3), units: int = 20) -> Path:
+    """A valid .keras file of a small model that is not this project's (no class names)."""
+    import keras
+
+    inputs = keras.Input(shape=input_shape, dtype=input_dtype)
+    keras.Model(inputs, keras.layers.Dense(units)(keras.layers.Flatten()(inputs))).save(path)
+    return path
+
+
+def corrupt_model(path: Path) -> Path:
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (foreign_model, "is not a model of this project: it has no class_names layer"),
+        (corrupt_model, "is not a readable Keras model file (not a .keras zip archive)"),
+    ],
+    ids=["foreign", "corrupt"],
+)
+def test_predict_names_what_is_wrong_with_a_model(tmp_path, make, message):
+    model_file = make(tmp_path / "m.keras")
+    Image.fromarray(make_image(0, np.random.default_rng(0))).save(tmp_path / "good.png")
+    result = run_predict("--model", str(model_file), str(tmp_path / "good.png"))
+    assert result.returncode == 1
+    assert error_lines(result) == [f"error: predict: {model_file} {message}"]
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("model_kwargs", "problem"),
+    [
+        ({"input_dtype": "float32"}, "it takes float32 inputs, not uint8 pixels"),
+        ({"input_shape": (64, 64, 3)}, "it takes inputs of shape (None, 64, 64, 3), not images of shape (None, 32, 32, 3)"),
+        ({}, "it has no class_names layer"),
+    ],
+    ids=["float-input", "other-size", "no-class-names"],
+)
+def test_foreign_models_are_told_apart(tmp_path, model_kwargs, problem):
+    import keras
+
+    from stages.evaluate import foreign_model_problem
+
+    model = keras.models.load_model(foreign_model(tmp_path / "m.keras", **model_kwargs))
+    assert foreign_model_problem(model) == problem
+
+
+def test_a_model_whose_outputs_and_class_names_disagree_is_refused(project_model):
+    import keras
+
+    from stages.evaluate import foreign_model_problem
+    from stages.network import ClassNames
+
+    model = keras.models.load_model(project_model, compile=False)
+    inputs = keras.Input(shape=(32, 32, 3), dtype="uint8")
+    logits = keras.layers.Dense(3)(keras.layers.Flatten()(inputs))
+    lying = keras.Model(inputs, ClassNames(["a", "b"], name="class_names")(logits))
+    assert foreign_model_problem(model) is None
+    assert foreign_model_problem(lying) == "it has 3 outputs but 2 class names"
+
+
+@pytest.mark.parametrize("make", [foreign_model, corrupt_model], ids=["foreign", "corrupt"])
+def test_evaluate_refuses_a_model_that_is_not_this_project_s(tmp_path, prepared_paths, make):
+    from stages import evaluate
+    from stages.common import StageError
+    from stages.params import EvaluateParams
+
+    paths = ProjectPaths(project_with(tmp_path, prepared_paths, "prepared_dir"))
+    paths.model_file.parent.mkdir()
+    make(paths.model_file)
+    with pytest.raises(StageError, match=f"^{paths.model_file} is not a (model of this project|readable Keras model file)"):
+        evaluate.run(EvaluateParams(), paths)
+    assert not paths.metrics_file.exists() and not paths.plots_dir.exists()
+
+
 # ---------------------------------------------------------------- atomic outputs
 
 
