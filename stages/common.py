@@ -75,7 +75,8 @@ def io_error_reason(error: BaseException) -> str | None:
         if _is_tensorflow_error(seen):
             # TensorFlow's file errors read '<path>; <strerror>': the path is a staging name.
             return str(getattr(seen, "message", seen)).rsplit("; ", 1)[-1]
-        seen = seen.__cause__ or seen.__context__
+        # What it was raised from; not what `raise ... from None` hid (a message already made for the user).
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
     return None
 
 
@@ -118,6 +119,8 @@ def atomic_output(final_path: Path) -> Iterator[Path]:
     try:
         try:
             yield staged
+        except StageError:
+            raise
         except Exception as error:
             reason = io_error_reason(error)  # the block only writes: an I/O error is a failed write
             if reason is None:

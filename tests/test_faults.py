@@ -312,6 +312,16 @@ def test_prepare_that_cannot_write_says_so_in_one_line_and_leaves_nothing(tmp_pa
     assert sorted(path.name for path in (root / "data").iterdir()) == ["raw"]
 
 
+def test_fetch_that_cannot_write_says_so_in_one_line_and_leaves_nothing(tmp_path, hub_dataset):
+    from tests.conftest import make_project
+
+    root = make_project(tmp_path / "project", hub_dataset)
+    result = run_stage_with_file_size_limit(root, "fetch", 100)  # the train split's Arrow file is ~1.2 MB
+    assert result.returncode == 1
+    assert error_lines(result) == [f"error: fetch: cannot write {root / 'data' / 'raw'}: File too large"]
+    assert list((root / "data").iterdir()) == []
+
+
 @pytest.mark.slow
 def test_train_that_cannot_write_says_so_in_one_line_and_leaves_nothing(tmp_path, prepared_paths):
     root = project_with(tmp_path, prepared_paths, "prepared_dir")

@@ -45,6 +45,24 @@ def test_missing_local_directory_is_named(tmp_path, hub_dataset):
     assert not (root / "data" / "raw").exists()
 
 
+def test_empty_local_directory_is_named(tmp_path, hub_dataset):
+    (tmp_path / "empty" / ".git").mkdir(parents=True)  # a failed clone: nothing but git's folder
+    root = make_project(tmp_path / "project", hub_dataset, **{"fetch.dataset": str(tmp_path / "empty")})
+    result = run_stage(root, "fetch")
+    assert_one_line_error(result, f"fetch.dataset '{tmp_path / 'empty'}' is empty", "parquet files plus a README.md")
+    assert "offline" not in result.stderr and not (root / "data" / "raw").exists()
+
+
+def test_local_directory_without_dataset_card_is_told_what_it_lacks(tmp_path):
+    dataset = dataset_with(tmp_path, make_rows(20, 1))
+    (dataset / "README.md").unlink()  # plain parquet files: no image feature, no class names
+    root = make_project(tmp_path / "project", dataset)
+    assert_one_line_error(
+        run_stage(root, "fetch"), f"fetch.dataset '{dataset}' has no README.md dataset card declaring the features"
+    )
+    assert not (root / "data" / "raw").exists()
+
+
 def test_dataset_without_test_split_is_refused(tmp_path):
     dataset = write_hub_dataset(tmp_path / "dataset", {"train": make_rows(20, 1)})
     root = make_project(tmp_path / "project", dataset)
