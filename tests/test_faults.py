@@ -223,7 +223,7 @@ def test_a_killed_run_s_staging_folder_is_cleared_by_the_next_run(tmp_path):
     assert siblings(final) == [".raw.partial-0therrun", "prepared"]
 
 
-def test_git_and_dvc_do_not_see_staging_folders(tmp_path):
+def test_git_and_dvc_do_not_see_staging_folders_nor_a_linked_venv(tmp_path):
     import shutil
 
     from dvc.repo import Repo
@@ -235,6 +235,7 @@ def test_git_and_dvc_do_not_see_staging_folders(tmp_path):
     staging = tmp_path / "models" / ".model.keras.partial-k1ll3d9x"
     staging.mkdir(parents=True)
     (staging / "model.keras").write_text("half")
+    (tmp_path / ".venv").symlink_to(tmp_path / "elsewhere")  # a .venv that is a link, not a folder
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     untracked = subprocess.run(
         ["git", "status", "--porcelain", "--untracked-files=all"], cwd=tmp_path, capture_output=True, text=True, check=True
