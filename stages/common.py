@@ -64,6 +64,7 @@ def run_main(stage_name: str, body: Callable[[], None]) -> None:
 
 # Errors that only writing can cause (an OSError's errno): file too large, disk full, quota, read-only.
 _WRITE_ERRNOS = (errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_STRERRORS = {os.strerror(code) for code in errno.errorcode}
 
 
 def io_error_reason(error: BaseException) -> str | None:
@@ -73,15 +74,17 @@ def io_error_reason(error: BaseException) -> str | None:
         if isinstance(seen, OSError):
             return seen.strerror or str(seen)
         if _is_tensorflow_error(seen):
-            # TensorFlow's file errors read '<path>; <strerror>': the path is a staging name.
-            return str(getattr(seen, "message", seen)).rsplit("; ", 1)[-1]
+            # TensorFlow reports a failed file operation as '<path>; <strerror>' (the path is a
+            # staging name); any other OpError (a shape mismatch, out of memory) is no I/O error.
+            reason = str(getattr(seen, "message", seen)).rsplit("; ", 1)[-1]
+            return reason if reason in _STRERRORS else None
         # What it was raised from; not what `raise ... from None` hid (a message already made for the user).
         seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
     return None
 
 
 def is_write_failure(error: BaseException) -> bool:
-    """Whether ``error`` says a write failed for want of room or permission to grow (EFBIG, ENOSPC, ...)."""
+    """Whether ``error`` is a write that failed for want of space or of a writable file system (EFBIG, ENOSPC, ...)."""
     return io_error_reason(error) in {os.strerror(code) for code in _WRITE_ERRNOS}
 
 

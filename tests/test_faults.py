@@ -281,6 +281,17 @@ def test_a_tensorflow_write_error_names_the_output_and_leaves_nothing(tmp_path):
     assert (final / "dataset.json").read_text() == "previous" and siblings(final) == ["prepared"]
 
 
+def test_a_tensorflow_error_that_is_not_about_a_file_stays_a_bug():
+    import tensorflow as tf
+
+    from stages.common import io_error_reason
+
+    assert io_error_reason(tf.errors.OutOfRangeError(None, None, "/x/shard.tfrecord; No space left on device")) == (
+        "No space left on device"
+    )
+    assert io_error_reason(tf.errors.InvalidArgumentError(None, None, "Incompatible shapes: [32,10] vs. [32,20]")) is None
+
+
 def run_stage_with_file_size_limit(root: Path, stage: str, kilobytes: int) -> subprocess.CompletedProcess:
     """The stage with writes failing past ``kilobytes`` per file (EFBIG; Python ignores SIGXFSZ)."""
     return subprocess.run(
