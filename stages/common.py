@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import gc
+import glob
 import logging
 import os
 import shutil
@@ -32,33 +35,106 @@ def setup_logging() -> None:
 
 
 def run_main(stage_name: str, body: Callable[[], None]) -> None:
-    """Run a stage's body; a StageError becomes one ``error:`` line and exit status 1."""
+    """Run a stage's body; a StageError or an I/O error becomes one ``error:`` line and exit status 1."""
     setup_logging()
     try:
         body()
+        return
     except StageError as error:
-        print(f"error: {stage_name}: {one_line(error)}", file=sys.stderr)
-        sys.exit(1)
+        message, status = one_line(error), 1
     except KeyboardInterrupt:
-        print(f"error: {stage_name}: interrupted; outputs were left untouched", file=sys.stderr)
-        sys.exit(130)
+        # atomic_output swaps each output in whole, so this holds even mid-write.
+        message, status = "interrupted; outputs not yet finished were left as they were", 130
+    except Exception as error:
+        # A full disk, a file-size limit, a read-only or vanished folder: the user's to fix, and
+        # a traceback would not help. Anything else is a bug, and keeps its traceback.
+        reason = io_error_reason(error)
+        if reason is None:
+            raise
+        filename = getattr(error, "filename", None)
+        where = f"{'cannot write ' if is_write_failure(error) else ''}{filename}: " if filename else ""
+        message, status = where + one_line(reason), 1
+    # Out of the except block, the failed body's frames (model, tf.data iterators, dvclive) are
+    # released; collect them now, while the interpreter is whole, not during its shutdown,
+    # where their finalizers print "Exception ignored ... shutting down" tracebacks.
+    gc.collect()
+    print(f"error: {stage_name}: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+# Errors that only writing can cause (an OSError's errno): file too large, disk full, quota, read-only.
+_WRITE_ERRNOS = (errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_STRERRORS = {os.strerror(code) for code in errno.errorcode}
+
+
+def io_error_reason(error: BaseException) -> str | None:
+    """Why an I/O operation failed, if ``error`` is (or was raised from) an OSError or a TensorFlow I/O error."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        if _is_tensorflow_error(seen):
+            # TensorFlow reports a failed file operation as '<path>; <strerror>' (the path is a
+            # staging name); any other OpError (a shape mismatch, out of memory) is no I/O error.
+            reason = str(getattr(seen, "message", seen)).rsplit("; ", 1)[-1]
+            return reason if reason in _STRERRORS else None
+        # What it was raised from; not what `raise ... from None` hid (a message already made for the user).
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    return None
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a write that failed for want of space or of a writable file system (EFBIG, ENOSPC, ...)."""
+    return io_error_reason(error) in {os.strerror(code) for code in _WRITE_ERRNOS}
+
+
+def _is_tensorflow_error(error: BaseException) -> bool:
+    # tf.errors.OpError, recognized by name: importing TensorFlow here would slow every stage's start.
+    return any(cls.__name__ == "OpError" and cls.__module__.startswith("tensorflow.") for cls in type(error).__mro__)
+
+
+STAGING_MARK = ".partial-"  # staging folders are ".<output name>.partial-XXXXXXXX"; .gitignore and .dvcignore hide them
+
+
+def staging_prefix(final_path: Path) -> str:
+    """The name prefix of ``final_path``'s staging folders, beside it."""
+    return f".{final_path.name}{STAGING_MARK}"
 
 
 @contextlib.contextmanager
 def atomic_output(final_path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path to write; move it onto ``final_path`` only on success.
+    """Yield a temporary sibling path to write; swap it in for ``final_path`` only on success.
 
-    Works for files and directories. An exception (or a kill) leaves ``final_path`` absent
-    rather than half-written, so DVC never caches a partial artifact.
+    Works for files and directories. Until the swap, ``final_path`` stays as it was (the
+    previous complete output, or absent): an exception, Ctrl-C or a kill never leaves it
+    half-written or missing. A kill -9 leaves a staging folder behind; the next run for the
+    same output deletes it first. That is safe because two runs never write one output at
+    once: DVC holds its repository lock for the whole of ``dvc repro``/``dvc exp run``.
+    An I/O error inside the block (disk full, file too large) becomes a StageError naming
+    ``final_path``, so keep reading outside it.
     """
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    remove_path(final_path)
-    staging_dir = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.", dir=final_path.parent))
+    for stale in final_path.parent.glob(glob.escape(staging_prefix(final_path)) + "*"):
+        log.info("removing %s, left by an earlier run that was killed", stale)
+        remove_path(stale)
+    staging_dir = Path(tempfile.mkdtemp(prefix=staging_prefix(final_path), dir=final_path.parent))
     staged = staging_dir / final_path.name
     try:
-        yield staged
+        try:
+            yield staged
+        except StageError:
+            raise
+        except Exception as error:
+            reason = io_error_reason(error)  # the block only writes: an I/O error is a failed write
+            if reason is None:
+                raise
+            raise StageError(f"cannot write {final_path}: {one_line(reason)}") from None
         if not staged.exists():
             raise RuntimeError(f"nothing was written for {final_path}")
+        if (final_path.is_dir() or staged.is_dir()) and (final_path.exists() or final_path.is_symlink()):
+            # os.replace swaps files atomically but cannot replace a non-empty directory (or a
+            # file by a directory): move the old one into the staging folder, deleted below.
+            os.replace(final_path, staging_dir / f".{final_path.name}.previous")  # never the staged name
         os.replace(staged, final_path)
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)

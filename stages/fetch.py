@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages.common import StageError, atomic_output, one_line, run_main
+from stages.common import StageError, atomic_output, is_write_failure, one_line, run_main
 from stages.params import FetchParams, load_params
 from stages.paths import ProjectPaths
 
@@ -68,6 +68,8 @@ def load(params: FetchParams, local_cache_dir: Path):
         raise StageError(f"fetch.dataset {source!r} is a file; give a hub id or a directory")
     if source.startswith(("/", "./", "../", "~")) and not local.exists():
         raise StageError(f"fetch.dataset {source!r}: no such directory")
+    if local.is_dir() and not visible_files(local):
+        raise StageError(f"fetch.dataset {source!r} is empty: {_LOCAL_LAYOUT}")
     try:
         if local.is_dir():
             log.info("loading local dataset directory %s", local)
@@ -77,9 +79,34 @@ def load(params: FetchParams, local_cache_dir: Path):
     except StageError:
         raise
     except Exception as error:  # the library raises many types; all mean "could not load"
-        raise StageError(
-            f"cannot load dataset {source!r}: {type(error).__name__}: {one_line(error)[:300]}; {offline_hint(source)}"
-        ) from None
+        if is_write_failure(error):  # the conversion cache is written into the output's staging folder
+            raise
+        # The offline hint is for the hub; a local directory needs its layout described instead.
+        hint = _LOCAL_LAYOUT if local.is_dir() else offline_hint(source)
+        raise StageError(f"cannot load dataset {source!r}: {type(error).__name__}: {one_line(error)[:300]}; {hint}") from None
+
+
+_LOCAL_LAYOUT = "a local dataset is laid out like the hub repository: parquet files plus a README.md dataset card"
+
+
+def visible_files(directory: Path) -> list[Path]:
+    """Files under ``directory``, leaving out hidden ones (a bare ``.git`` is not a dataset)."""
+    return [
+        path
+        for path in directory.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(directory).parts)
+    ]
+
+
+def blame_missing_card(dataset: str, problem: StageError) -> StageError:
+    """``problem`` found in a local directory, blamed on its missing dataset card when it has none."""
+    directory = Path(dataset).expanduser()
+    if not directory.is_dir() or (directory / "README.md").is_file():
+        return problem
+    return StageError(
+        f"fetch.dataset {dataset!r} has no README.md dataset card declaring the features (the image column, the "
+        f"class-label columns with their names), and its data files do not declare them either: {problem}"
+    )
 
 
 def run(params: FetchParams, paths: ProjectPaths) -> None:
@@ -89,7 +116,10 @@ def run(params: FetchParams, paths: ProjectPaths) -> None:
     with atomic_output(paths.raw_dir) as staged:
         local_cache_dir = staged.parent / "cache"
         dataset_dict = load(params, local_cache_dir)
-        check_dataset(dataset_dict, params.dataset)
+        try:
+            check_dataset(dataset_dict, params.dataset)
+        except StageError as problem:
+            raise blame_missing_card(params.dataset, problem) from None
         splits = datasets.DatasetDict({split: dataset_dict[split] for split in REQUIRED_SPLITS})
         splits.save_to_disk(str(staged), max_shard_size=_MAX_SHARD_SIZE)
     log.info("wrote %s: %s", paths.raw_dir, {split: splits[split].num_rows for split in splits})

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import io
+import re
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SIZE = 32  # CIFAR's side, in pixels
 IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
+
+# Largest image decoded (width x height), checked from the header before any pixel is decoded.
+# Every image ends up 32x32, so detail beyond a few megapixels is thrown away anyway; 5000x5000
+# keeps any real photo (a 24 Mpx camera frame is 6000x4000) while bounding the memory of one
+# decode at ~75 MB (RGB) to ~200 MB (16-bit modes go through float64). Pillow's own guard
+# (Image.MAX_IMAGE_PIXELS, ~89 Mpx) is process-global and far larger; we leave it alone.
+MAX_IMAGE_PIXELS = 5000 * 5000
 
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
@@ -44,10 +53,29 @@ def to_rgb_uint8(image: Image.Image, size: int = IMAGE_SIZE) -> tuple[np.ndarray
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes fully; raise ValueError if they are not a readable image."""
+    """Decode encoded image bytes fully; raise ValueError if they are not a readable image or too large."""
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # lazy: reads the header, not the pixels
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        # Pillow's own guard fired on open (an image far above our limit): the same verdict.
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        raise ValueError(_too_large(f"{int(found.group(1)):,} pixels" if found else "over Pillow's limit")) from None
+    except UnidentifiedImageError:
+        # Pillow's message names the in-memory buffer (<_io.BytesIO object at 0x...>), useless to a user.
+        raise ValueError("not a readable image (no known image format)") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"not a readable image ({error})") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(_too_large(f"{width * height:,} pixels ({width}x{height})"))
+    try:
         image.load()  # decode now: a truncated file fails here, not later
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"not a readable image ({error})") from None
     return image
+
+
+def _too_large(size: str) -> str:
+    return f"too large to decode: {size}, more than the {MAX_IMAGE_PIXELS:,} pixels (5000x5000) accepted"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,8 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.constructor import DuplicateKeyError
 
-from stages.common import StageError
+from stages.common import StageError, one_line
 
 
 def _param(default: Any, doc: str, **bounds: float) -> Any:
@@ -95,13 +98,22 @@ class Params:
 
 
 def load_params(path: Path) -> Params:
-    """Read and validate ``params.yaml``; raise StageError naming the first bad key."""
+    """Read ``params.yaml`` as DVC reads it and validate it; raise StageError naming the first bad key.
+
+    ruamel.yaml (DVC's own parser) in YAML 1.2, so the stages see the values DVC records: a
+    hand-typed ``1e-3`` is a number (PyYAML's YAML 1.1 reads a string), ``yes`` is a string;
+    a key given twice is refused rather than the last one silently winning.
+    """
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = YAML(typ="safe", pure=True).load(path.read_text())
     except FileNotFoundError:
         raise StageError(f"{path}: params file not found") from None
-    except yaml.YAMLError as error:
-        raise StageError(f"{path}: not valid YAML: {error}") from None
+    except DuplicateKeyError as error:
+        found = re.search(r'duplicate key "([^"]*)"', str(error.problem))
+        key = repr(found.group(1)) if found else "(see the file)"
+        raise StageError(f"{path}, line {error.problem_mark.line + 1}: duplicate key {key}; give each key once") from None
+    except YAMLError as error:
+        raise StageError(f"{path}: not valid YAML: {one_line(error)}") from None
     return parse_params(raw, source=str(path))
 
 

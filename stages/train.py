@@ -277,7 +277,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         row["seconds"] = round(self.clock.seconds(), 3)
         self.history.append(row)
         weights_name = f"epoch-{epoch + 1:04d}.weights.h5"
-        self.model.save_weights(self.directory / weights_name)
+        with atomic_output(self.directory / weights_name) as staged_weights:  # a failed save leaves no truncated file
+            self.model.save_weights(staged_weights)
         state = {"fingerprint": self.run_fingerprint, "epoch": epoch + 1, "weights": weights_name, "history": self.history}
         staged = self.directory / f".{_STATE_FILE}.tmp"
         staged.write_text(json.dumps(state, indent=1))

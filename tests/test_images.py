@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.images import decode_image, to_rgb, to_rgb_uint8
+from stages.images import MAX_IMAGE_PIXELS, decode_image, to_rgb, to_rgb_uint8
 
 
 def solid(mode: str, value, size=(32, 32)) -> Image.Image:
@@ -59,3 +59,30 @@ def test_decode_rejects_garbage_and_truncated_files():
     Image.new("RGB", (32, 32), (1, 2, 3)).save(buffer, format="PNG")
     with pytest.raises(ValueError, match="not a readable image"):
         decode_image(buffer.getvalue()[:-40])
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("size", [(5001, 5000), (9500, 9500), (20000, 20000)], ids=["just-over", "pillow-warns", "bomb"])
+def test_oversized_image_is_refused_before_decoding(size):
+    data = png_bytes(Image.new("1", size))  # a few KB of PNG: a decompression bomb
+    assert len(data) < 60_000
+    with pytest.raises(ValueError, match=r"too large to decode: [\d,]+ pixels.*more than the 25,000,000 pixels"):
+        decode_image(data)
+
+
+def test_large_image_within_the_limit_is_converted_exactly():
+    image = decode_image(png_bytes(Image.new("RGB", (4000, 4000), (9, 8, 7))))
+    assert image.size == (4000, 4000) and MAX_IMAGE_PIXELS >= 4000 * 4000
+    pixels, resized = to_rgb_uint8(image)
+    assert resized and (pixels == (9, 8, 7)).all()
+
+
+def test_unreadable_bytes_do_not_name_the_in_memory_buffer():
+    with pytest.raises(ValueError) as caught:
+        decode_image(b"definitely not an image")
+    assert str(caught.value) == "not a readable image (no known image format)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -74,3 +75,36 @@ def test_optional_values_accept_null():
     raw["train"]["time_budget_minutes"] = None
     params = parse_params(raw)
     assert params.prepare.limit is None and params.train.time_budget_minutes is None
+
+
+def write_params(tmp_path, edit) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(edit((REPO_ROOT / "params.yaml").read_text()))
+    return path
+
+
+def test_params_are_read_as_dvc_reads_them(tmp_path):
+    # YAML 1.2, as DVC's ruamel.yaml reads it: 1e-3 is a number (PyYAML's YAML 1.1 says a string).
+    def edit(text: str) -> str:
+        return text.replace("learning_rate: 0.2", "learning_rate: 1e-3")
+
+    params = load_params(write_params(tmp_path, edit))
+    assert params.train.learning_rate == 0.001
+
+
+def test_a_duplicate_key_is_refused_with_its_line(tmp_path):
+    def edit(text: str) -> str:
+        return text.replace("  epochs: 18\n", "  epochs: 18\n  epochs: 2\n")
+
+    path = write_params(tmp_path, edit)
+    line = path.read_text().splitlines().index("  epochs: 2") + 1
+    with pytest.raises(StageError) as raised:
+        load_params(path)
+    assert str(raised.value) == f"{path}, line {line}: duplicate key 'epochs'; give each key once"
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    path = write_params(tmp_path, lambda text: text.replace("widths: [16, 32, 64, 128]", "widths: [16, 32"))
+    with pytest.raises(StageError, match=f"^{re.escape(str(path))}: not valid YAML: ") as raised:
+        load_params(path)
+    assert "\n" not in str(raised.value)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from stages.synthetic import make_rows, write_hub_dataset
 from tests.conftest import make_project, run_stage, set_params
@@ -42,6 +45,24 @@ def test_missing_local_directory_is_named(tmp_path, hub_dataset):
     assert not (root / "data" / "raw").exists()
 
 
+def test_empty_local_directory_is_named(tmp_path, hub_dataset):
+    (tmp_path / "empty" / ".git").mkdir(parents=True)  # a failed clone: nothing but git's folder
+    root = make_project(tmp_path / "project", hub_dataset, **{"fetch.dataset": str(tmp_path / "empty")})
+    result = run_stage(root, "fetch")
+    assert_one_line_error(result, f"fetch.dataset '{tmp_path / 'empty'}' is empty", "parquet files plus a README.md")
+    assert "offline" not in result.stderr and not (root / "data" / "raw").exists()
+
+
+def test_local_directory_without_dataset_card_is_told_what_it_lacks(tmp_path):
+    dataset = dataset_with(tmp_path, make_rows(20, 1))
+    (dataset / "README.md").unlink()  # plain parquet files: no image feature, no class names
+    root = make_project(tmp_path / "project", dataset)
+    assert_one_line_error(
+        run_stage(root, "fetch"), f"fetch.dataset '{dataset}' has no README.md dataset card declaring the features"
+    )
+    assert not (root / "data" / "raw").exists()
+
+
 def test_dataset_without_test_split_is_refused(tmp_path):
     dataset = write_hub_dataset(tmp_path / "dataset", {"train": make_rows(20, 1)})
     root = make_project(tmp_path / "project", dataset)
@@ -56,11 +77,25 @@ def test_label_that_is_not_a_class_label_is_refused(tmp_path):
     assert not (root / "data" / "raw").exists()
 
 
-def test_corrupt_image_names_split_and_row(tmp_path):
+def png_bomb() -> bytes:
+    """48 KB of PNG that decodes to 400 million pixels."""
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("encoded", "message"),
+    [(b"\x89PNG\r\n\x1a\n garbage", "img is not a readable image"), (png_bomb(), "img is too large to decode")],
+    ids=["corrupt", "oversized"],
+)
+def test_bad_image_names_split_and_row(tmp_path, encoded, message):
     rows = make_rows(30, 1)
-    rows[17] = type(rows[17])(b"\x89PNG\r\n\x1a\n garbage", rows[17].fine_label, rows[17].coarse_label)
+    rows[17] = type(rows[17])(encoded, rows[17].fine_label, rows[17].coarse_label)
     root = fetched_project(tmp_path, dataset_with(tmp_path, rows))
-    assert_one_line_error(run_stage(root, "prepare"), "split 'train', row 17", "not a readable image")
+    result = run_stage(root, "prepare")
+    assert_one_line_error(result, "split 'train', row 17", message)
+    assert "Traceback" not in result.stderr
     assert not (root / "data" / "prepared").exists()
 
 
