@@ -21,17 +21,14 @@ import dataclasses
 import gc
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from stages import hardware
+from stages import hardware, scratch
 from stages.common import run_main
 from stages.params import load_params
 from stages.paths import REPO_ROOT, ProjectPaths
@@ -323,31 +320,14 @@ def run_benchmark(dataset: str, label: str, out_dir: Path, images_per_run: int, 
 
 
 def noop_repro_seconds(dataset: str, label: str, repo: Path) -> float:
-    """Seconds of ``dvc repro`` when nothing changed, in a copy of the project (tiny training)."""
-    import yaml
-
-    repo.mkdir(parents=True)
-    for name in ("stages", "dvc.yaml", "params.yaml", ".gitignore"):
-        source = REPO_ROOT / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, repo / name)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["fetch"]["dataset"] = str(Path(dataset).resolve()) if Path(dataset).exists() else dataset
-    params["prepare"].update(label=label)
-    params["train"].update(epochs=1, widths=[8, 8, 8, 8])
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    # dvc runs `python -m stages.X` through the shell: put this interpreter first on PATH.
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    dvc = [sys.executable, "-m", "dvc"]
-    for command in (
-        ["git", "init", "-q"],
-        [*dvc, "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"],
-        [*dvc, "repro", "-q"],
-    ):
-        subprocess.run(command, cwd=repo, env=env, check=True, capture_output=True)
+    """Seconds of ``dvc repro`` when nothing changed, in a scratch copy of the project (the tiny
+    training recipe for one epoch: what is timed is DVC deciding that nothing needs to run)."""
+    dataset = str(Path(dataset).resolve()) if Path(dataset).exists() else dataset
+    tiny_train = {key: value for key, value in scratch.TINY_PARAMS.items() if key.startswith("train.")}
+    scratch.init_repo(scratch.make_project(repo, dataset, **{**tiny_train, "train.epochs": 1, "prepare.label": label}))
+    scratch.dvc(repo, "repro", "-q")
     started = time.perf_counter()
-    subprocess.run([*dvc, "repro", "-q"], cwd=repo, env=env, check=True, capture_output=True)
+    scratch.dvc(repo, "repro", "-q")
     return round(time.perf_counter() - started, 2)
 
 

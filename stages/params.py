@@ -66,7 +66,10 @@ class TrainParams:
     seed: int = _param(0, "seed of weights, shuffling and augmentation", ge=0)
     shuffle_buffer: int = _param(50000, "shuffle buffer, in examples (>= train size: a full shuffle)", ge=1)
     time_budget_minutes: float | None = _param(
-        None, "stop after the epoch that exhausts this wall-clock budget; null: no budget", gt=0.0
+        None,
+        "wall-clock minutes for training: the schedule is compressed to fit them if the epochs would not, and training "
+        "stops at the first step after they are spent; null: no budget",
+        gt=0.0,
     )
     mixed_precision: Literal["auto", "on", "off"] = _param("auto", "bfloat16/float16 compute; auto: on a GPU or a bfloat16 CPU")
     jit_compile: Literal["auto", "on", "off"] = _param("auto", "XLA compilation; auto: on a GPU only")

@@ -262,7 +262,7 @@ class TrainingClock(keras.callbacks.Callback):
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """After each epoch: record its history row, save weights and optimizer state, then a state
+    """After each epoch: record its history row, save the model with its optimizer state, then a state
     file naming them (atomic order: the state file is replaced last)."""
 
     def __init__(self, directory: Path, run_fingerprint: str, history: list[dict], clock: TrainingClock, steps_per_epoch: int):
@@ -276,9 +276,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
         row["epoch_fraction"] = round(self.clock.steps_in_epoch / self.steps_per_epoch, 6)
         row["seconds"] = round(self.clock.seconds(), 3)
         self.history.append(row)
-        weights_name = f"epoch-{epoch + 1:04d}.weights.h5"
+        # The whole model as a .keras archive (written through Python's zipfile, so a full disk is an
+        # OSError, not a crash inside HDF5 as with .weights.h5); a resumed run loads only its
+        # weights and optimizer state into a freshly compiled model.
+        weights_name = f"epoch-{epoch + 1:04d}.keras"
         with atomic_output(self.directory / weights_name) as staged_weights:  # a failed save leaves no truncated file
-            self.model.save_weights(staged_weights)
+            self.model.save(staged_weights)
         state = {"fingerprint": self.run_fingerprint, "epoch": epoch + 1, "weights": weights_name, "history": self.history}
         staged = self.directory / f".{_STATE_FILE}.tmp"
         staged.write_text(json.dumps(state, indent=1))

@@ -1,35 +1,30 @@
-"""Shared fixtures: synthetic hub-layout datasets, a project copy to run stages in, params edits."""
+"""Fixtures shared by the tests: small generated data, the one tiny recipe, and artifacts made once
+per session (a prepared dataset, a trained model, a reproduced DVC repository) that each test
+gets its own copy of, so tests stay independent without paying for the same work again."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import yaml
 
-from stages.paths import REPO_ROOT, ProjectPaths
+from stages.params import TrainParams
+from stages.paths import ProjectPaths
+from stages.scratch import QUIET_OFFLINE_ENV, TINY_PARAMS, TINY_TRAIN, commit, dvc, init_repo, make_project
 from stages.synthetic import make_rows, write_hub_dataset
-
-# Stage subprocesses: quiet TensorFlow, never reach for the hub, no telemetry.
-STAGE_ENV = {
-    "TF_CPP_MIN_LOG_LEVEL": "3",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "DVC_NO_ANALYTICS": "1",
-    "PYTHONUNBUFFERED": "1",
-}
 
 
 @pytest.fixture(autouse=True, scope="session")
 def isolated_caches(tmp_path_factory):
     """Keep the Hugging Face cache of the tests away from the user's (and offline)."""
     cache = tmp_path_factory.mktemp("hf-home")
-    saved = {key: os.environ.get(key) for key in ("HF_HOME", *STAGE_ENV)}
-    os.environ.update({"HF_HOME": str(cache), **STAGE_ENV})
+    saved = {key: os.environ.get(key) for key in ("HF_HOME", *QUIET_OFFLINE_ENV)}
+    os.environ.update({"HF_HOME": str(cache), **QUIET_OFFLINE_ENV})
     yield
     for key, value in saved.items():
         if value is None:
@@ -47,56 +42,15 @@ def hub_dataset(tmp_path_factory) -> Path:
     )
 
 
-def set_params(root: Path, **overrides) -> None:
-    """Edit ``root``/params.yaml: ``set_params(root, **{"train.epochs": 2})``."""
-    path = root / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".", 1)
-        params[section][key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-# Params that make the whole pipeline run in seconds on the synthetic data.
-TINY_PARAMS = {
-    "prepare.label": "coarse_label",
-    "prepare.examples_per_shard": 128,
-    "train.widths": [8, 8, 16, 16],
-    "train.epochs": 2,
-    "train.batch_size": 32,
-    "train.learning_rate": 0.1,
-    "train.warmup_epochs": 0.5,
-    "train.shuffle_buffer": 1000,
-    "evaluate.batch_size": 100,
-    "evaluate.sample_images": 9,
-}
-
-
-def make_project(root: Path, dataset: Path, **overrides) -> Path:
-    """A copy of the project's code, dvc.yaml and params.yaml at ``root``, set up for ``dataset``."""
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(REPO_ROOT / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
-        shutil.copy(REPO_ROOT / name, root / name)
-    set_params(root, **{"fetch.dataset": str(dataset), **TINY_PARAMS, **overrides})
-    return root
+@pytest.fixture
+def tiny_train() -> TrainParams:
+    return TINY_TRAIN
 
 
 @pytest.fixture
 def project(tmp_path, hub_dataset) -> Path:
-    return make_project(tmp_path / "project", hub_dataset)
-
-
-def run_stage(root: Path, stage: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m stages.<stage>`` in ``root``, as DVC runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", f"stages.{stage}"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **STAGE_ENV},
-    )
+    """A copy of the project on the synthetic dataset with the tiny recipe, nothing run yet."""
+    return make_project(tmp_path / "project", hub_dataset, **TINY_PARAMS)
 
 
 @pytest.fixture(scope="session")
@@ -109,3 +63,57 @@ def prepared_paths(tmp_path_factory, hub_dataset) -> ProjectPaths:
     fetch.run(FetchParams(dataset=str(hub_dataset)), paths)
     prepare.run(PrepareParams(label="coarse_label", val_fraction=0.1, seed=0, examples_per_shard=128), paths)
     return paths
+
+
+@pytest.fixture(scope="session")
+def trained_paths(tmp_path_factory, prepared_paths) -> ProjectPaths:
+    """prepared_paths (raw and prepared data) plus a model trained once with the tiny recipe for 6
+    epochs (well above chance), its history, dvclive logs and (emptied) checkpoints."""
+    from stages import train
+
+    paths = ProjectPaths(tmp_path_factory.mktemp("trained-project"))
+    shutil.copytree(prepared_paths.raw_dir, paths.raw_dir)
+    shutil.copytree(prepared_paths.prepared_dir, paths.prepared_dir)
+    train.run(dataclasses.replace(TINY_TRAIN, epochs=6, warmup_epochs=1.0), paths)
+    return paths
+
+
+@pytest.fixture
+def project_with(tmp_path, hub_dataset, trained_paths) -> Callable[..., Path]:
+    """``project_with("prepared_dir", "model_file")``: a project copy (in ``tmp_path/name``) holding
+    copies of those session artifacts (ProjectPaths attributes of ``trained_paths``), ready for a stage."""
+
+    def make(*outputs: str, name: str = "project") -> Path:
+        root = make_project(tmp_path / name, hub_dataset, **TINY_PARAMS)
+        for name in outputs:
+            source, target = getattr(trained_paths, name), getattr(ProjectPaths(root), name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+        return root
+
+    return make
+
+
+@dataclasses.dataclass(frozen=True)
+class ReproducedRepo:
+    root: Path
+    first_repro: subprocess.CompletedProcess  # the output of its first `dvc repro`
+
+
+@pytest.fixture(scope="session")
+def reproduced_repo(tmp_path_factory, hub_dataset) -> ReproducedRepo:
+    """A git + DVC repository of the project with the tiny recipe, after one full ``dvc repro``,
+    everything committed: made once, copied by ``repo`` for each test that needs one."""
+    root = init_repo(make_project(tmp_path_factory.mktemp("reproduced") / "repo", hub_dataset, **TINY_PARAMS))
+    first = dvc(root, "repro")
+    commit(root, "reproduced")
+    return ReproducedRepo(root, first)
+
+
+@pytest.fixture
+def repo(tmp_path, reproduced_repo) -> Path:
+    """This test's own copy of ``reproduced_repo`` (git history, DVC cache and outputs included):
+    every stage up to date, nothing shared with other tests."""
+    root = tmp_path / "repo"
+    shutil.copytree(reproduced_repo.root, root, symlinks=True)
+    return root

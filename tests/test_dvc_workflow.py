@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -15,66 +14,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import STAGE_ENV, make_project, set_params
+from stages.scratch import commit, dvc, environment, set_params, sh
 
 pytestmark = pytest.mark.slow
 ALL_STAGES = {"fetch", "prepare", "train", "evaluate"}
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "test",
-    "GIT_AUTHOR_EMAIL": "test@localhost",
-    "GIT_COMMITTER_NAME": "test",
-    "GIT_COMMITTER_EMAIL": "test@localhost",
-}
-
-
-def environment() -> dict:
-    # DVC runs `python -m stages.X` through the shell: it must find this interpreter first.
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, **STAGE_ENV, **GIT_ENV, "PATH": path}
-
-
-def sh(root: Path, *command: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=root, env=environment(), capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-        )
-    return result
-
-
-def dvc(root: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    return sh(root, sys.executable, "-m", "dvc", *args, **kwargs)
 
 
 def stages_run(result: subprocess.CompletedProcess) -> set[str]:
     return set(re.findall(r"Running stage '([\w-]+)'", result.stdout + result.stderr))
 
 
-def commit(root: Path, message: str) -> None:
-    sh(root, "git", "add", "-A")
-    sh(root, "git", "commit", "-qm", message)
-
-
-def new_repo(root: Path, dataset: Path, **overrides) -> Path:
-    make_project(root, dataset, **overrides)
-    sh(root, "git", "init", "-q", "-b", "main")
-    dvc(root, "init", "-q")
-    dvc(root, "config", "core.analytics", "false")
-    commit(root, "project")
-    return root
-
-
 def metrics(root: Path) -> dict:
     return json.loads((root / "metrics" / "metrics.json").read_text())
 
 
-@pytest.fixture
-def repo(tmp_path, hub_dataset) -> Path:
-    return new_repo(tmp_path / "repo", hub_dataset)
-
-
-def test_repro_runs_everything_once_then_only_what_changed(repo):
-    assert stages_run(dvc(repo, "repro")) == ALL_STAGES
+def test_repro_runs_everything_once_then_only_what_changed(reproduced_repo, repo):
+    assert stages_run(reproduced_repo.first_repro) == ALL_STAGES
     second = dvc(repo, "repro")
     assert stages_run(second) == set()
     assert "up to date" in second.stdout
@@ -85,12 +40,14 @@ def test_repro_runs_everything_once_then_only_what_changed(repo):
 
     # Editing a shared module makes exactly the stages that import it out of date.
     for module, importers in {
-        "images.py": {"prepare"},
+        "images.py": {"prepare", "evaluate"},
+        "hardware.py": {"train"},
         "records.py": {"prepare", "train", "evaluate"},
         "network.py": {"train", "evaluate"},
         "augment.py": {"train"},
         "evaluate.py": {"evaluate"},
         "common.py": ALL_STAGES,
+        "__init__.py": ALL_STAGES,
     }.items():
         path = repo / "stages" / module
         original = path.read_text()
@@ -102,8 +59,6 @@ def test_repro_runs_everything_once_then_only_what_changed(repo):
 
 
 def test_metrics_and_params_diff_between_commits(repo):
-    dvc(repo, "repro")
-    commit(repo, "two epochs")
     sh(repo, "git", "checkout", "-qb", "one-epoch")
     set_params(repo, **{"train.epochs": 1, "train.learning_rate": 0.05})
     dvc(repo, "repro")
@@ -139,8 +94,6 @@ def exp_rows(root: Path) -> list[dict]:
 
 
 def test_experiments_run_queue_and_show(repo):
-    dvc(repo, "repro")
-    commit(repo, "baseline run")
     dvc(repo, "exp", "run", "-n", "one-epoch", "-S", "train.epochs=1")
     for rate in (0.05, 0.2):
         dvc(repo, "exp", "run", "--queue", "-S", f"train.learning_rate={rate}")
@@ -162,7 +115,6 @@ def test_experiments_run_queue_and_show(repo):
 
 
 def test_push_remove_pull_restores_everything(repo, tmp_path):
-    dvc(repo, "repro")
     dvc(repo, "remote", "add", "-d", "storage", str(tmp_path / "remote"))
     dvc(repo, "push")
     shutil.rmtree(repo / ".dvc" / "cache")
@@ -177,7 +129,6 @@ def test_push_remove_pull_restores_everything(repo, tmp_path):
 
 
 def test_same_params_and_seed_give_the_same_metrics(repo):
-    dvc(repo, "repro")
     first = (repo / "metrics" / "metrics.json").read_text()
     first_curves = (repo / "dvclive" / "plots" / "metrics" / "eval" / "loss.tsv").read_text()
     assert stages_run(dvc(repo, "repro", "-f", "train")) >= {"train"}
@@ -213,10 +164,10 @@ def stop_after_first_epoch(process: subprocess.Popen, root: Path, sig: int) -> i
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["killed", "interrupted"])
 def test_interrupted_train_resumes_to_the_same_result(repo, sig):
     set_params(repo, **{"train.epochs": 12})
-    dvc(repo, "repro", "prepare")
+    previous_model = (repo / "models" / "model.keras").read_bytes()
     status = stop_after_first_epoch(start_train(repo), repo, sig)
     assert status == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
-    assert not (repo / "models" / "model.keras").exists()
+    assert (repo / "models" / "model.keras").read_bytes() == previous_model  # never half-replaced
     state = json.loads((repo / "checkpoints" / "state.json").read_text())
     assert 1 <= state["epoch"] < 12
 
@@ -233,7 +184,6 @@ def test_interrupted_train_resumes_to_the_same_result(repo, sig):
 
 def test_changed_params_start_afresh(repo):
     set_params(repo, **{"train.epochs": 12})
-    dvc(repo, "repro", "prepare")
     stop_after_first_epoch(start_train(repo), repo, signal.SIGKILL)
     set_params(repo, **{"train.learning_rate": 0.05})
     result = dvc(repo, "repro")

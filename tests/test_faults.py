@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from stages.paths import ProjectPaths
+from stages.scratch import TINY_PARAMS, environment, make_project
 from stages.synthetic import COARSE_NAMES, make_image
-from tests.conftest import STAGE_ENV
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -32,7 +32,7 @@ def run_predict(*args: str) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "stages.predict", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, **STAGE_ENV},
+        env=environment(),
         timeout=300,
     )
 
@@ -134,12 +134,12 @@ def test_a_model_whose_outputs_and_class_names_disagree_is_refused(project_model
 
 
 @pytest.mark.parametrize("make", [foreign_model, corrupt_model], ids=["foreign", "corrupt"])
-def test_evaluate_refuses_a_model_that_is_not_this_project_s(tmp_path, prepared_paths, make):
+def test_evaluate_refuses_a_model_that_is_not_this_project_s(tmp_path, project_with, make):
     from stages import evaluate
     from stages.common import StageError
     from stages.params import EvaluateParams
 
-    paths = ProjectPaths(project_with(tmp_path, prepared_paths, "prepared_dir"))
+    paths = ProjectPaths(project_with("prepared_dir"))
     paths.model_file.parent.mkdir()
     make(paths.model_file)
     with pytest.raises(StageError, match=f"^{paths.model_file} is not a (model of this project|readable Keras model file)"):
@@ -300,24 +300,12 @@ def run_stage_with_file_size_limit(root: Path, stage: str, kilobytes: int) -> su
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, **STAGE_ENV},
+        env=environment(),
     )
 
 
-def project_with(tmp_path: Path, prepared_paths, *outputs: str) -> Path:
-    """A project whose ``outputs`` (raw_dir, prepared_dir) are copies of the shared fixture's."""
-    import shutil
-
-    from tests.conftest import make_project
-
-    root = make_project(tmp_path / "project", tmp_path / "unused-dataset")
-    for name in outputs:
-        shutil.copytree(getattr(prepared_paths, name), getattr(ProjectPaths(root), name))
-    return root
-
-
-def test_prepare_that_cannot_write_says_so_in_one_line_and_leaves_nothing(tmp_path, prepared_paths):
-    root = project_with(tmp_path, prepared_paths, "raw_dir")
+def test_prepare_that_cannot_write_says_so_in_one_line_and_leaves_nothing(project_with):
+    root = project_with("raw_dir")
     result = run_stage_with_file_size_limit(root, "prepare", 100)  # a shard is ~400 KB
     assert result.returncode == 1
     assert error_lines(result) == [f"error: prepare: cannot write {root / 'data' / 'prepared'}: File too large"]
@@ -325,9 +313,7 @@ def test_prepare_that_cannot_write_says_so_in_one_line_and_leaves_nothing(tmp_pa
 
 
 def test_fetch_that_cannot_write_says_so_in_one_line_and_leaves_nothing(tmp_path, hub_dataset):
-    from tests.conftest import make_project
-
-    root = make_project(tmp_path / "project", hub_dataset)
+    root = make_project(tmp_path / "project", hub_dataset, **TINY_PARAMS)
     result = run_stage_with_file_size_limit(root, "fetch", 100)  # the train split's Arrow file is ~1.2 MB
     assert result.returncode == 1
     assert error_lines(result) == [f"error: fetch: cannot write {root / 'data' / 'raw'}: File too large"]
@@ -335,12 +321,12 @@ def test_fetch_that_cannot_write_says_so_in_one_line_and_leaves_nothing(tmp_path
 
 
 @pytest.mark.slow
-def test_train_that_cannot_write_says_so_in_one_line_and_leaves_nothing(tmp_path, prepared_paths):
-    root = project_with(tmp_path, prepared_paths, "prepared_dir")
+def test_train_that_cannot_write_says_so_in_one_line_and_leaves_nothing(project_with):
+    root = project_with("prepared_dir")
     result = run_stage_with_file_size_limit(root, "train", 60)  # a checkpoint is ~120 KB
     assert result.returncode == 1
     assert error_lines(result) == [
-        f"error: train: cannot write {root / 'checkpoints' / 'epoch-0001.weights.h5'}: File too large"
+        f"error: train: cannot write {root / 'checkpoints' / 'epoch-0001.keras'}: File too large"
     ]
     assert "Exception ignored" not in result.stderr
     assert list((root / "checkpoints").iterdir()) == [] and not (root / "models").exists()

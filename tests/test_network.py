@@ -117,9 +117,11 @@ def test_small_model_overfits_a_small_batch(arch):
     rng = np.random.default_rng(3)
     images_uint8 = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
     labels = np.arange(32) % 10
-    history = model.fit(images_uint8, labels, batch_size=32, epochs=150, verbose=0).history
+    # 150 steps on the same batch, in 10 epochs of 15 (150 one-step epochs mostly timed Keras' epoch loop).
+    batches = tf.data.Dataset.from_tensors((images_uint8, labels)).repeat()
+    history = model.fit(batches, epochs=10, steps_per_epoch=15, shuffle=False, verbose=0).history
     assert history["loss"][-1] < 0.1 * math.log(10)  # memorized (random pixels: nothing to generalize)
-    assert history["accuracy"][-1] == 1.0
+    assert history["accuracy"][-1] >= 0.99  # over the last 15 steps, dropout on: at most a few misses of 480
 
 
 def test_augmentation_keeps_shape_and_dtype_and_is_seeded():

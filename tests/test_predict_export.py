@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,19 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import export, predict, train
+from stages import export, predict
 from stages.evaluate import load_model
 from stages.params import ExportParams
+from stages.paths import ProjectPaths
+from stages.scratch import environment
 from stages.synthetic import COARSE_NAMES, make_image
-from tests.conftest import STAGE_ENV
-from tests.test_train_evaluate import FAST_TRAIN, copy_prepared
 
 
-@pytest.fixture(scope="module")
-def trained(prepared_paths, tmp_path_factory):
-    paths = copy_prepared(prepared_paths, tmp_path_factory.mktemp("trained"))
-    train.run(FAST_TRAIN, paths)
-    return paths
+@pytest.fixture
+def trained(project_with) -> ProjectPaths:
+    """A project copy with the session's tiny trained model (conftest.trained_paths)."""
+    return ProjectPaths(project_with("model_file"))
 
 
 @pytest.fixture
@@ -60,7 +58,7 @@ def run_predict(*args: str) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "stages.predict", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, **STAGE_ENV},
+        env=environment(),
         timeout=300,
     )
 

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from stages.scratch import TINY_PARAMS, make_project, run_stage, set_params
 from stages.synthetic import make_rows, write_hub_dataset
-from tests.conftest import make_project, run_stage, set_params
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -26,28 +26,28 @@ def dataset_with(tmp_path, train_rows, test_rows=None, **kwargs):
 
 
 def fetched_project(tmp_path, dataset):
-    root = make_project(tmp_path / "project", dataset)
+    root = make_project(tmp_path / "project", dataset, **TINY_PARAMS)
     result = run_stage(root, "fetch")
     assert result.returncode == 0, result.stderr[-2000:]
     return root
 
 
 def test_unreachable_hub_dataset_says_how_to_work_offline(tmp_path, hub_dataset):
-    root = make_project(tmp_path / "project", hub_dataset, **{"fetch.dataset": "no-such-user/no-such-dataset"})
+    root = make_project(tmp_path / "project", hub_dataset, **TINY_PARAMS, **{"fetch.dataset": "no-such-user/no-such-dataset"})
     result = run_stage(root, "fetch")
     assert_one_line_error(result, "cannot load dataset 'no-such-user/no-such-dataset'", "point fetch.dataset at a local copy")
     assert not (root / "data" / "raw").exists()
 
 
 def test_missing_local_directory_is_named(tmp_path, hub_dataset):
-    root = make_project(tmp_path / "project", hub_dataset, **{"fetch.dataset": str(tmp_path / "nowhere")})
+    root = make_project(tmp_path / "project", hub_dataset, **TINY_PARAMS, **{"fetch.dataset": str(tmp_path / "nowhere")})
     assert_one_line_error(run_stage(root, "fetch"), f"fetch.dataset '{tmp_path / 'nowhere'}': no such directory")
     assert not (root / "data" / "raw").exists()
 
 
 def test_empty_local_directory_is_named(tmp_path, hub_dataset):
     (tmp_path / "empty" / ".git").mkdir(parents=True)  # a failed clone: nothing but git's folder
-    root = make_project(tmp_path / "project", hub_dataset, **{"fetch.dataset": str(tmp_path / "empty")})
+    root = make_project(tmp_path / "project", hub_dataset, **TINY_PARAMS, **{"fetch.dataset": str(tmp_path / "empty")})
     result = run_stage(root, "fetch")
     assert_one_line_error(result, f"fetch.dataset '{tmp_path / 'empty'}' is empty", "parquet files plus a README.md")
     assert "offline" not in result.stderr and not (root / "data" / "raw").exists()
@@ -56,7 +56,7 @@ def test_empty_local_directory_is_named(tmp_path, hub_dataset):
 def test_local_directory_without_dataset_card_is_told_what_it_lacks(tmp_path):
     dataset = dataset_with(tmp_path, make_rows(20, 1))
     (dataset / "README.md").unlink()  # plain parquet files: no image feature, no class names
-    root = make_project(tmp_path / "project", dataset)
+    root = make_project(tmp_path / "project", dataset, **TINY_PARAMS)
     assert_one_line_error(
         run_stage(root, "fetch"), f"fetch.dataset '{dataset}' has no README.md dataset card declaring the features"
     )
@@ -65,14 +65,14 @@ def test_local_directory_without_dataset_card_is_told_what_it_lacks(tmp_path):
 
 def test_dataset_without_test_split_is_refused(tmp_path):
     dataset = write_hub_dataset(tmp_path / "dataset", {"train": make_rows(20, 1)})
-    root = make_project(tmp_path / "project", dataset)
+    root = make_project(tmp_path / "project", dataset, **TINY_PARAMS)
     assert_one_line_error(run_stage(root, "fetch"), "has no split(s) ['test']")
     assert not (root / "data" / "raw").exists()
 
 
 def test_label_that_is_not_a_class_label_is_refused(tmp_path):
     dataset = dataset_with(tmp_path, make_rows(20, 1), plain_int_columns=("coarse_label",))
-    root = make_project(tmp_path / "project", dataset)
+    root = make_project(tmp_path / "project", dataset, **TINY_PARAMS)
     assert_one_line_error(run_stage(root, "fetch"), "label column(s) ['coarse_label'] are not class labels")
     assert not (root / "data" / "raw").exists()
 
@@ -115,7 +115,7 @@ def test_label_out_of_range_names_split_and_row(tmp_path):
 
 def test_empty_split_is_refused_by_fetch(tmp_path):
     dataset = write_hub_dataset(tmp_path / "dataset", {"train": make_rows(20, 1), "test": []})
-    root = make_project(tmp_path / "project", dataset)
+    root = make_project(tmp_path / "project", dataset, **TINY_PARAMS)
     result = run_stage(root, "fetch")
     assert result.returncode == 1
     assert "test" in result.stderr.splitlines()[-1] and result.stderr.splitlines()[-1].startswith("error: fetch: ")

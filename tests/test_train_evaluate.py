@@ -16,23 +16,18 @@ from stages.paths import ProjectPaths
 from stages.records import DatasetInfo, read_arrays
 from stages.synthetic import COARSE_NAMES
 
-FAST_TRAIN = TrainParams(
-    widths=(8, 8, 16, 16), epochs=6, batch_size=32, learning_rate=0.1, warmup_epochs=1.0, shuffle_buffer=1000
-)
 
-
-def copy_prepared(prepared_paths: ProjectPaths, tmp_path) -> ProjectPaths:
-    import shutil
-
-    paths = ProjectPaths(tmp_path)
-    shutil.copytree(prepared_paths.prepared_dir, paths.prepared_dir)
-    return paths
+@pytest.fixture
+def prepared(project_with) -> ProjectPaths:
+    """A project copy holding only the session's prepared data: ready for train.run."""
+    return ProjectPaths(project_with("prepared_dir"))
 
 
 @pytest.mark.slow
-def test_chain_learns_far_above_chance_and_writes_everything(prepared_paths, tmp_path):
-    paths = copy_prepared(prepared_paths, tmp_path)
-    summary = train.run(FAST_TRAIN, paths)
+def test_chain_learns_far_above_chance_and_writes_everything(project_with):
+    # The session's model: the tiny recipe, 6 epochs (conftest.trained_paths).
+    paths = ProjectPaths(project_with("prepared_dir", "model_file", "history_file", "live_dir", "checkpoint_dir"))
+    summary = json.loads(paths.history_file.read_text())
     assert summary["epochs_completed"] == 6 and not summary["stopped_by_time_budget"]
     assert [row["epoch"] for row in summary["epochs"]] == [1, 2, 3, 4, 5, 6]
     metrics = evaluate.run(EvaluateParams(batch_size=64, tta_flip=True, sample_images=9), paths)
@@ -49,9 +44,9 @@ def test_chain_learns_far_above_chance_and_writes_everything(prepared_paths, tmp
     assert [path.name for path in paths.checkpoint_dir.iterdir()] == ["README.txt"]  # finished: nothing to resume
 
 
-def test_saved_model_classifies_raw_uint8_and_carries_class_names(prepared_paths, tmp_path):
-    paths = copy_prepared(prepared_paths, tmp_path)
-    train.run(dataclasses.replace(FAST_TRAIN, epochs=1), paths)
+def test_saved_model_classifies_raw_uint8_and_carries_class_names(prepared, tiny_train):
+    paths = prepared
+    train.run(dataclasses.replace(tiny_train, epochs=1), paths)
     model = load_model(paths.model_file)
     assert keras.saving.get_registered_name(type(model.get_layer("class_names"))) == "cifar100_dvc>ClassNames"
     info = DatasetInfo.read(paths.prepared_dir)
@@ -62,13 +57,13 @@ def test_saved_model_classifies_raw_uint8_and_carries_class_names(prepared_paths
     assert not model.compiled  # saved for inference: no optimizer state
 
 
-def test_time_budget_stops_training_early(prepared_paths, tmp_path):
-    paths = copy_prepared(prepared_paths, tmp_path)
-    summary = train.run(dataclasses.replace(FAST_TRAIN, epochs=50, time_budget_minutes=0.001), paths)
+def test_time_budget_stops_training_early(prepared, tiny_train):
+    paths = prepared
+    summary = train.run(dataclasses.replace(tiny_train, epochs=50, time_budget_minutes=0.001), paths)
     assert summary["stopped_by_time_budget"] and summary["stop_reason"] == "time_budget"
     assert len(summary["epochs"]) == 1 and summary["epochs_completed"] == 0  # cut short in its first epoch
     assert 0 < summary["epochs"][0]["epoch_fraction"] < 1
-    assert summary["images_seen"] == round(summary["epochs_done"] * 16 * FAST_TRAIN.batch_size)
+    assert summary["images_seen"] == round(summary["epochs_done"] * 16 * tiny_train.batch_size)
     assert paths.model_file.is_file()
 
 
@@ -80,15 +75,15 @@ class StepClock(train.TrainingClock):
         return float(self.reads)
 
 
-def test_time_budget_compresses_the_schedule_so_the_rate_ends_decayed(prepared_paths, tmp_path, monkeypatch):
+def test_time_budget_compresses_the_schedule_so_the_rate_ends_decayed(prepared, tiny_train, monkeypatch):
     monkeypatch.setattr(train, "TrainingClock", StepClock)
-    paths = copy_prepared(prepared_paths, tmp_path)
+    paths = prepared
     # 6 epochs of 16 steps planned; the clock is read twice a step, so 60 s last about 30 steps.
-    summary = train.run(dataclasses.replace(FAST_TRAIN, time_budget_minutes=1.0), paths)
+    summary = train.run(dataclasses.replace(tiny_train, epochs=6, time_budget_minutes=1.0), paths)
     assert summary["stop_reason"] == "time_budget" and 1 < summary["epochs_done"] < 3
     assert [row["epoch_fraction"] for row in summary["epochs"][:-1]] == [1.0] * (len(summary["epochs"]) - 1)
     # Without the budget, the rate would still be near its peak after a third of the planned steps.
-    assert summary["final_learning_rate"] < 0.05 * FAST_TRAIN.learning_rate
+    assert summary["final_learning_rate"] < 0.05 * tiny_train.learning_rate
     live = json.loads(paths.live_metrics_file.read_text())
     assert (live["epochs_done"], live["images_seen"], live["stopped_by_time_budget"]) == (
         summary["epochs_done"],
@@ -110,27 +105,26 @@ def test_schedule_follows_the_share_of_the_budget_spent_when_it_is_further_along
 
 
 @pytest.mark.parametrize(("cpu_flags", "policy"), [("avx2 fma", "float32"), ("avx2 fma avx512f avx512_bf16", "mixed_bfloat16")])
-def test_both_cpu_compute_paths_train_reproducibly_with_onednn(prepared_paths, tmp_path, monkeypatch, cpu_flags, policy):
+def test_both_cpu_compute_paths_train_reproducibly_with_onednn(project_with, tiny_train, monkeypatch, cpu_flags, policy):
     import keras
 
     monkeypatch.setenv(hardware.CPU_FLAGS_ENV, cpu_flags)
     assert hardware.onednn_enabled()  # stages/__init__.py asks for it on every CPU
-    params = dataclasses.replace(FAST_TRAIN, epochs=2)
     runs = []
     for attempt in ("first", "second"):
-        summary = train.run(params, copy_prepared(prepared_paths, tmp_path / attempt))
+        summary = train.run(tiny_train, ProjectPaths(project_with("prepared_dir", name=attempt)))
         runs.append([{k: v for k, v in row.items() if k != "seconds"} for row in summary["epochs"]])
         assert summary["device"]["mixed_precision_policy"] == policy
         assert keras.mixed_precision.global_policy().name == "float32"  # the run's policy did not leak
     assert runs[0] == runs[1]  # same params, seed and machine: the same training, to the last bit
 
 
-def test_batch_larger_than_the_train_split_is_refused(prepared_paths, tmp_path):
+def test_batch_larger_than_the_train_split_is_refused(prepared, tiny_train):
     from stages.common import StageError
 
-    paths = copy_prepared(prepared_paths, tmp_path)
+    paths = prepared
     with pytest.raises(StageError, match="train.batch_size=4096 exceeds the 540 train examples"):
-        train.run(dataclasses.replace(FAST_TRAIN, batch_size=4096), paths)
+        train.run(dataclasses.replace(tiny_train, batch_size=4096), paths)
     assert not paths.model_file.exists()
 
 
@@ -252,11 +246,12 @@ print("SUMMARY" + json.dumps(summary["epochs"]))
 
 
 @pytest.mark.slow
-def test_mirrored_training_over_two_logical_cpus_learns(prepared_paths, tmp_path):
+def test_mirrored_training_over_two_logical_cpus_learns(prepared, tiny_train):
     from stages.params import to_dict
 
-    paths = copy_prepared(prepared_paths, tmp_path)
-    result = run_on_two_cpus(MIRRORED_TRAINING_SCRIPT, str(paths.root), json.dumps(to_dict(FAST_TRAIN)))
+    paths = prepared
+    recipe = dataclasses.replace(tiny_train, epochs=6, warmup_epochs=1.0)
+    result = run_on_two_cpus(MIRRORED_TRAINING_SCRIPT, str(paths.root), json.dumps(to_dict(recipe)))
     strategy_lines = [line for line in result.stderr.splitlines() if "MirroredStrategy over" in line]
     assert strategy_lines and "CPU:0" in strategy_lines[0] and "CPU:1" in strategy_lines[0], strategy_lines
     epochs = json.loads(result.stdout.split("SUMMARY", 1)[1])
