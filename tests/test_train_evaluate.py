@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from stages import evaluate, hardware, train
+from stages.common import StageError
 from stages.evaluate import load_model, predict_probabilities
 from stages.params import EvaluateParams, TrainParams
 from stages.paths import ProjectPaths
@@ -132,6 +133,27 @@ def test_batch_larger_than_the_train_split_is_refused(prepared_paths, tmp_path):
     with pytest.raises(StageError, match="train.batch_size=4096 exceeds the 540 train examples"):
         train.run(dataclasses.replace(FAST_TRAIN, batch_size=4096), paths)
     assert not paths.model_file.exists()
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "weight_decay", "expected_class", "expected_decay"),
+    [
+        ("sgd", 5e-4, keras.optimizers.SGD, 5e-4),
+        ("sgd", 0.0, keras.optimizers.SGD, None),
+        ("adamw", 5e-4, keras.optimizers.AdamW, 5e-4),
+        ("adam", 0.0, keras.optimizers.Adam, None),
+    ],
+)
+def test_each_optimizer_choice_is_its_own_optimizer(optimizer, weight_decay, expected_class, expected_decay):
+    params = TrainParams(optimizer=optimizer, weight_decay=weight_decay)
+    made = train.make_optimizer(params, steps_per_epoch=10)
+    assert type(made) is expected_class  # exact: AdamW subclasses Adam
+    assert made.weight_decay == (pytest.approx(expected_decay) if expected_decay else None)
+
+
+def test_adam_with_weight_decay_is_refused_even_when_params_were_not_parsed():
+    with pytest.raises(StageError, match="'train.optimizer: adam' is plain Adam with no weight decay"):
+        train.make_optimizer(TrainParams(optimizer="adam", weight_decay=5e-4), steps_per_epoch=10)
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_zero():
