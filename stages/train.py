@@ -453,9 +453,14 @@ def _summary(params, model, settings, steps_per_epoch, history, clock) -> dict:
 
 
 def _without_optimizer(model: keras.Model, strategy: tf.distribute.Strategy) -> keras.Model:
-    """The same network and weights, uncompiled: the saved model is for inference, and small."""
+    """The same network and weights, uncompiled: the saved model is for inference, and small.
+
+    Rebuilt from its config, not cloned: ``keras.models.clone_model`` compiles the clone of a
+    compiled model, and a saved compile config (optimizer, WarmupSchedule, the smoothed loss)
+    makes a plain ``keras.models.load_model`` fail without this module's classes registered.
+    """
     with strategy.scope():
-        clean = keras.models.clone_model(model)
+        clean = keras.Model.from_config(model.get_config())
     clean.set_weights(model.get_weights())
     return clean
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import keras
 import numpy as np
@@ -13,7 +14,7 @@ from stages import evaluate, hardware, train
 from stages.common import StageError
 from stages.evaluate import load_model, predict_probabilities
 from stages.params import EvaluateParams, TrainParams
-from stages.paths import ProjectPaths
+from stages.paths import REPO_ROOT, ProjectPaths
 from stages.records import DatasetInfo, read_arrays
 from stages.synthetic import COARSE_NAMES
 
@@ -50,7 +51,22 @@ def test_chain_learns_far_above_chance_and_writes_everything(prepared_paths, tmp
     assert [path.name for path in paths.checkpoint_dir.iterdir()] == ["README.txt"]  # finished: nothing to resume
 
 
+# How the README tells a user to load the model: plain load_model, only the project's layers imported.
+USER_LOAD_SCRIPT = """
+import json, sys
+import keras, numpy as np
+import stages.network
+model = keras.models.load_model(sys.argv[1])
+logits = model.predict(np.load(sys.argv[2]), verbose=0)
+print("RESULT" + json.dumps({"class_names": stages.network.class_names_of(model), "logits": logits.tolist()}))
+"""
+
+
 def test_saved_model_classifies_raw_uint8_and_carries_class_names(prepared_paths, tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
     paths = copy_prepared(prepared_paths, tmp_path)
     train.run(dataclasses.replace(FAST_TRAIN, epochs=1), paths)
     model = load_model(paths.model_file)
@@ -60,7 +76,24 @@ def test_saved_model_classifies_raw_uint8_and_carries_class_names(prepared_paths
     images_uint8, _ = read_arrays(paths.prepared_dir, "test")
     probabilities = predict_probabilities(model, images_uint8[:10], batch_size=5, tta_flip=False)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
-    assert not model.compiled  # saved for inference: no optimizer state
+    # Saved for inference: no optimizer, schedule or loss that a user's load would have to resolve.
+    config = json.loads(zipfile.ZipFile(paths.model_file).read("config.json"))
+    assert not config.get("compile_config")  # Keras writes {} for a model never compiled
+    # A fresh Python session, as a user loads it (compile left at its default, train not imported).
+    np.save(tmp_path / "images.npy", images_uint8[:10])
+    loaded = subprocess.run(
+        [sys.executable, "-c", USER_LOAD_SCRIPT, str(paths.model_file), str(tmp_path / "images.npy")],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    result = json.loads(loaded.stdout.split("RESULT", 1)[1])
+    assert result["class_names"] == info.class_names
+    assert np.array(result["logits"]).shape == (10, len(info.class_names))
+    np.testing.assert_allclose(result["logits"], model.predict(images_uint8[:10], verbose=0), rtol=1e-4, atol=1e-4)
 
 
 def test_time_budget_stops_training_early(prepared_paths, tmp_path):
