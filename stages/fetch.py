@@ -83,6 +83,11 @@ def load(params: FetchParams, local: Path | None, local_cache_dir: Path):
     """
     import datasets
 
+    # datasets and huggingface_hub give their loggers a stderr handler of their own and also
+    # propagate to the root logger, so each hub warning printed twice: keep only the root's.
+    for library in ("huggingface_hub", "datasets"):
+        logging.getLogger(library).handlers.clear()
+
     source = params.dataset
     if local is not None and not visible_files(local):
         raise StageError(f"fetch.dataset {source!r} is empty: {_LOCAL_LAYOUT}")
