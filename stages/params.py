@@ -32,9 +32,9 @@ def _param(default: Any, doc: str, **bounds: float) -> Any:
 class FetchParams:
     dataset: str = _param(
         "uoft-cs/cifar100",
-        "Hugging Face hub id, or a local directory laid out like the hub repository",
+        "Hugging Face hub id, or a local directory laid out like the hub repository (relative: to the project root)",
     )
-    revision: str | None = _param(None, "hub revision (branch, tag or commit) to pin; null: latest")
+    revision: str | None = _param(None, "hub revision (branch, tag or commit) to pin; null: latest; unused for a local directory")
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,14 @@ class PrepareParams:
     label: str = _param("fine_label", "class-label column to learn (coarse_label; label for CIFAR-10)")
     val_fraction: float = _param(0.1, "share of each class of train held out as val", ge=0.0, lt=1.0)
     seed: int = _param(0, "seed of the stratified train/val split", ge=0)
-    limit: int | None = _param(None, "keep at most N examples of each raw split (smoke runs)", ge=1)
+    limit: int | None = _param(None, "keep the first N examples of each raw split (smoke runs)", ge=1)
     examples_per_shard: int = _param(10000, "examples per TFRecord shard (~3 KB each)", ge=1)
 
 
 @dataclass(frozen=True)
 class TrainParams:
     arch: Literal["resnet", "baseline"] = _param("resnet", "network: resnet (default) or baseline (the notebook's CNN)")
-    widths: tuple[int, ...] = _param((16, 32, 64, 128), "resnet channel widths: stem, stage 1, 2, 3")
+    widths: tuple[int, ...] = _param((16, 32, 64, 128), "resnet channel widths: stem, stage 1, 2, 3 (baseline ignores them)")
     epochs: int = _param(18, "full passes over the train split", ge=1)
     batch_size: int = _param(256, "images per optimizer step", ge=1)
     optimizer: Literal["sgd", "adam", "adamw"] = _param(
