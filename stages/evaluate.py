@@ -1,6 +1,9 @@
 """DVC stage ``evaluate``: test-split metrics of models/model.keras, and the plots a user wants.
 
-metrics/metrics.json: accuracy, top-5 accuracy, loss and the example count on ``test``.
+metrics/metrics.json: accuracy, top-5 accuracy, cross-entropy and the example count on ``test``.
+``cross_entropy`` is plain (no label smoothing) and of the probabilities actually predicted (with
+``tta_flip``, the mean of each image's and its mirror's); it is not comparable to the training
+loss that dvclive and models/history.json record (label-smoothed, one view, on train and val).
 metrics/class_accuracy.json: accuracy of every class. plots/: training curves, a confusion
 matrix (PNG, and the rows DVC's confusion template reads), classes ranked by accuracy, and a
 grid of test images with true and predicted labels.
@@ -34,7 +37,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def compute_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict:
-    """Top-1/top-5 accuracy and mean cross-entropy of predicted class probabilities [N, C]."""
+    """Top-1/top-5 accuracy and mean plain (unsmoothed) cross-entropy of predicted class probabilities [N, C]."""
     num_examples = len(labels)
     k = min(5, probabilities.shape[1])
     top_k = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
@@ -42,7 +45,7 @@ def compute_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict:
     return {
         "accuracy": float(np.mean(top_k[:, 0] == labels)),
         "top5_accuracy": float(np.mean((top_k == labels[:, None]).any(axis=1))),
-        "loss": float(np.mean(-np.log(np.clip(picked, 1e-12, 1.0)))),
+        "cross_entropy": float(np.mean(-np.log(np.clip(picked, 1e-12, 1.0)))),  # not "loss": see the module doc
         "num_examples": int(num_examples),
     }
 

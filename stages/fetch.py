@@ -2,7 +2,8 @@
 
 ``fetch.dataset`` is a hub id (``uoft-cs/cifar100``) or a local directory laid out like the
 hub repository (parquet files and a README.md dataset card declaring the features); both go
-through ``datasets.load_dataset``, which never runs code from a dataset repository.
+through ``datasets.load_dataset``, which never runs code from a dataset repository. A relative
+directory is taken from the project root, wherever the stage is started from.
 """
 
 from __future__ import annotations
@@ -53,8 +54,28 @@ def check_dataset(dataset_dict, dataset: str) -> None:
             raise StageError(f"dataset {dataset!r}, split {split!r} is empty")
 
 
-def load(params: FetchParams, local_cache_dir: Path):
-    """The dataset as a ``datasets.DatasetDict`` of its train and test splits.
+def local_directory(dataset: str, root: Path) -> Path | None:
+    """The local directory ``dataset`` names (a relative one taken from ``root``), or None for a hub id.
+
+    What exists under ``root`` is local. What does not is a hub id if shaped like one (``name`` or
+    ``owner/name``); anything else (``./``, ``../``, ``/``, ``~``, a trailing ``/``, a second ``/``)
+    was meant as a directory, and is refused as missing rather than sent to the hub.
+    """
+    given = Path(dataset).expanduser()
+    path = root / given  # an absolute path stays itself
+    where = "" if given.is_absolute() else f" (looked for {path}: a relative path is taken from the project root)"
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise StageError(f"fetch.dataset {dataset!r} is a file{where}; give a hub id or a directory")
+    if dataset.startswith(("/", "./", "../", "~")) or dataset.endswith("/") or dataset.count("/") > 1:
+        raise StageError(f"fetch.dataset {dataset!r}: no such directory{where}")
+    return None
+
+
+def load(params: FetchParams, local: Path | None, local_cache_dir: Path):
+    """The dataset as a ``datasets.DatasetDict`` of its train and test splits, from the directory
+    ``local`` (see local_directory) or, when it is None, from the hub.
 
     A local directory is converted through ``local_cache_dir`` (fresh each run), never the
     shared Hugging Face cache: that cache keys local files by name and time stamp, and could
@@ -62,16 +83,16 @@ def load(params: FetchParams, local_cache_dir: Path):
     """
     import datasets
 
+    # datasets and huggingface_hub give their loggers a stderr handler of their own and also
+    # propagate to the root logger, so each hub warning printed twice: keep only the root's.
+    for library in ("huggingface_hub", "datasets"):
+        logging.getLogger(library).handlers.clear()
+
     source = params.dataset
-    local = Path(source).expanduser()
-    if local.exists() and not local.is_dir():
-        raise StageError(f"fetch.dataset {source!r} is a file; give a hub id or a directory")
-    if source.startswith(("/", "./", "../", "~")) and not local.exists():
-        raise StageError(f"fetch.dataset {source!r}: no such directory")
-    if local.is_dir() and not visible_files(local):
+    if local is not None and not visible_files(local):
         raise StageError(f"fetch.dataset {source!r} is empty: {_LOCAL_LAYOUT}")
     try:
-        if local.is_dir():
+        if local is not None:
             log.info("loading local dataset directory %s", local)
             return datasets.load_dataset(str(local), cache_dir=str(local_cache_dir))
         log.info("downloading %s (revision %s) from the Hugging Face hub", source, params.revision or "latest")
@@ -82,8 +103,15 @@ def load(params: FetchParams, local_cache_dir: Path):
         if is_write_failure(error):  # the conversion cache is written into the output's staging folder
             raise
         # The offline hint is for the hub; a local directory needs its layout described instead.
-        hint = _LOCAL_LAYOUT if local.is_dir() else offline_hint(source)
-        raise StageError(f"cannot load dataset {source!r}: {type(error).__name__}: {one_line(error)[:300]}; {hint}") from None
+        # A hub id shaped `owner/name` may have been meant as a relative directory: say it is none.
+        where, hint = (
+            ("", _LOCAL_LAYOUT)
+            if local is not None
+            else (" from the hub (no such directory under the project root)", offline_hint(source))
+        )
+        raise StageError(
+            f"cannot load dataset {source!r}{where}: {type(error).__name__}: {one_line(error)[:300]}; {hint}"
+        ) from None
 
 
 _LOCAL_LAYOUT = "a local dataset is laid out like the hub repository: parquet files plus a README.md dataset card"
@@ -98,10 +126,9 @@ def visible_files(directory: Path) -> list[Path]:
     ]
 
 
-def blame_missing_card(dataset: str, problem: StageError) -> StageError:
-    """``problem`` found in a local directory, blamed on its missing dataset card when it has none."""
-    directory = Path(dataset).expanduser()
-    if not directory.is_dir() or (directory / "README.md").is_file():
+def blame_missing_card(dataset: str, local: Path | None, problem: StageError) -> StageError:
+    """``problem`` found in the local directory ``local``, blamed on its missing dataset card when it has none."""
+    if local is None or (local / "README.md").is_file():
         return problem
     return StageError(
         f"fetch.dataset {dataset!r} has no README.md dataset card declaring the features (the image column, the "
@@ -113,13 +140,14 @@ def run(params: FetchParams, paths: ProjectPaths) -> None:
     """Load and check the dataset, then save its train and test splits to ``paths.raw_dir``."""
     import datasets
 
+    local = local_directory(params.dataset, paths.root)
     with atomic_output(paths.raw_dir) as staged:
         local_cache_dir = staged.parent / "cache"
-        dataset_dict = load(params, local_cache_dir)
+        dataset_dict = load(params, local, local_cache_dir)
         try:
             check_dataset(dataset_dict, params.dataset)
         except StageError as problem:
-            raise blame_missing_card(params.dataset, problem) from None
+            raise blame_missing_card(params.dataset, local, problem) from None
         splits = datasets.DatasetDict({split: dataset_dict[split] for split in REQUIRED_SPLITS})
         splits.save_to_disk(str(staged), max_shard_size=_MAX_SHARD_SIZE)
     log.info("wrote %s: %s", paths.raw_dir, {split: splits[split].num_rows for split in splits})

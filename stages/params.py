@@ -32,9 +32,9 @@ def _param(default: Any, doc: str, **bounds: float) -> Any:
 class FetchParams:
     dataset: str = _param(
         "uoft-cs/cifar100",
-        "Hugging Face hub id, or a local directory laid out like the hub repository",
+        "Hugging Face hub id, or a local directory laid out like the hub repository (relative: to the project root)",
     )
-    revision: str | None = _param(None, "hub revision (branch, tag or commit) to pin; null: latest")
+    revision: str | None = _param(None, "hub revision (branch, tag or commit) to pin; null: latest; unused for a local directory")
 
 
 @dataclass(frozen=True)
@@ -42,24 +42,28 @@ class PrepareParams:
     label: str = _param("fine_label", "class-label column to learn (coarse_label; label for CIFAR-10)")
     val_fraction: float = _param(0.1, "share of each class of train held out as val", ge=0.0, lt=1.0)
     seed: int = _param(0, "seed of the stratified train/val split", ge=0)
-    limit: int | None = _param(None, "keep at most N examples of each raw split (smoke runs)", ge=1)
+    limit: int | None = _param(None, "keep the first N examples of each raw split (smoke runs)", ge=1)
     examples_per_shard: int = _param(10000, "examples per TFRecord shard (~3 KB each)", ge=1)
 
 
 @dataclass(frozen=True)
 class TrainParams:
     arch: Literal["resnet", "baseline"] = _param("resnet", "network: resnet (default) or baseline (the notebook's CNN)")
-    widths: tuple[int, ...] = _param((16, 32, 64, 128), "resnet channel widths: stem, stage 1, 2, 3")
+    widths: tuple[int, ...] = _param((16, 32, 64, 128), "resnet channel widths: stem, stage 1, 2, 3 (baseline ignores them)")
     epochs: int = _param(18, "full passes over the train split", ge=1)
     batch_size: int = _param(256, "images per optimizer step", ge=1)
-    optimizer: Literal["sgd", "adam", "adamw"] = _param("sgd", "sgd is Nesterov momentum SGD")
+    optimizer: Literal["sgd", "adam", "adamw"] = _param(
+        "sgd", "sgd: Nesterov momentum SGD; adam: Adam, no weight decay; adamw: Adam with decoupled weight decay"
+    )
     learning_rate: float = _param(0.2, "peak learning rate", gt=0.0)
     momentum: float = _param(0.9, "SGD momentum (ignored by adam/adamw)", ge=0.0, lt=1.0)
     schedule: Literal["constant", "linear", "cosine"] = _param(
         "linear", "after warm-up: constant, linear decay to 0, or cosine decay to 0"
     )
     warmup_epochs: float = _param(3.0, "epochs of linear warm-up from 0 to the peak rate", ge=0.0)
-    weight_decay: float = _param(5e-4, "decoupled weight decay per step, times the learning rate", ge=0.0)
+    weight_decay: float = _param(
+        5e-4, "decoupled weight decay per step, times the learning rate (sgd, adamw; adam takes none)", ge=0.0
+    )
     label_smoothing: float = _param(0.2, "cross-entropy label smoothing", ge=0.0, lt=1.0)
     augment: bool = _param(True, "random crop from a padded image and horizontal flip, per batch")
     crop_padding: int = _param(4, "pixels of zero padding around the image for the random crop", ge=0)
@@ -121,8 +125,23 @@ def load_params(path: Path) -> Params:
 
 
 def parse_params(raw: Any, source: str = "params") -> Params:
-    """Validate a nested dict (as read from YAML) into ``Params``."""
-    return _parse_dataclass(Params, raw, prefix="", source=source)
+    """Validate a nested dict (as read from YAML) into ``Params``, keys one by one, then across keys."""
+    params = _parse_dataclass(Params, raw, prefix="", source=source)
+    check_optimizer(params.train, source)
+    return params
+
+
+def check_optimizer(train: TrainParams, source: str = "params") -> None:
+    """Refuse ``adam`` with weight decay, which Keras 3 would silently turn into AdamW.
+
+    Keras 3's Adam has no coupled (L2-in-the-gradient) decay: given ``weight_decay`` it decouples
+    it, exactly as AdamW does, so the two names would mean one optimizer. ``adam`` is plain Adam.
+    """
+    if train.optimizer == "adam" and train.weight_decay > 0:
+        raise StageError(
+            f"{source}: 'train.optimizer: adam' is plain Adam with no weight decay, but 'train.weight_decay' is "
+            f"{train.weight_decay}; use adamw for Adam with decoupled weight decay, or set it to 0"
+        )
 
 
 def to_dict(params: Any) -> dict:

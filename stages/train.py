@@ -28,7 +28,7 @@ from stages import hardware
 from stages.augment import crop_and_flip
 from stages.common import StageError, atomic_output, remove_path, run_main
 from stages.network import InputSpec, build_network
-from stages.params import TrainParams, load_params, to_dict
+from stages.params import TrainParams, check_optimizer, load_params, to_dict
 from stages.paths import ProjectPaths
 from stages.records import DatasetInfo, read_split
 
@@ -97,7 +97,11 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
 
 
 def make_optimizer(params: TrainParams, steps_per_epoch: int, budget_spent=None) -> keras.optimizers.Optimizer:
-    """The optimizer of ``params`` with its warm-up + decay learning-rate schedule (see WarmupSchedule)."""
+    """The optimizer of ``params`` with its warm-up + decay learning-rate schedule (see WarmupSchedule).
+
+    sgd and adamw decay the weights decoupled from the gradient (by weight_decay times the rate,
+    each step); adam is plain Adam, with no decay at all (params refuse it with weight_decay > 0).
+    """
     schedule = WarmupSchedule(
         peak=params.learning_rate,
         warmup_steps=int(round(params.warmup_epochs * steps_per_epoch)),
@@ -109,7 +113,8 @@ def make_optimizer(params: TrainParams, steps_per_epoch: int, budget_spent=None)
         return keras.optimizers.SGD(schedule, momentum=params.momentum, nesterov=True, weight_decay=params.weight_decay or None)
     if params.optimizer == "adamw":
         return keras.optimizers.AdamW(schedule, weight_decay=params.weight_decay)
-    return keras.optimizers.Adam(schedule, weight_decay=params.weight_decay or None)
+    check_optimizer(params)  # adam with decay would be AdamW under another name (see check_optimizer)
+    return keras.optimizers.Adam(schedule)
 
 
 def compile_model(
@@ -451,9 +456,14 @@ def _summary(params, model, settings, steps_per_epoch, history, clock) -> dict:
 
 
 def _without_optimizer(model: keras.Model, strategy: tf.distribute.Strategy) -> keras.Model:
-    """The same network and weights, uncompiled: the saved model is for inference, and small."""
+    """The same network and weights, uncompiled: the saved model is for inference, and small.
+
+    Rebuilt from its config, not cloned: ``keras.models.clone_model`` compiles the clone of a
+    compiled model, and a saved compile config (optimizer, WarmupSchedule, the smoothed loss)
+    makes a plain ``keras.models.load_model`` fail without this module's classes registered.
+    """
     with strategy.scope():
-        clean = keras.models.clone_model(model)
+        clean = keras.Model.from_config(model.get_config())
     clean.set_weights(model.get_weights())
     return clean
 

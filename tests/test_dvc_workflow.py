@@ -65,8 +65,8 @@ def test_metrics_and_params_diff_between_commits(repo):
     commit(repo, "one epoch")
     metrics_diff = json.loads(dvc(repo, "metrics", "diff", "main", "one-epoch", "--all", "--json").stdout)
     changed = metrics_diff["metrics/metrics.json"]
-    assert {"accuracy", "top5_accuracy", "loss", "num_examples"} <= set(changed)
-    assert changed["loss"]["old"] != changed["loss"]["new"]
+    assert {"accuracy", "top5_accuracy", "cross_entropy", "num_examples"} <= set(changed)
+    assert changed["cross_entropy"]["old"] != changed["cross_entropy"]["new"]
     params_diff = json.loads(dvc(repo, "params", "diff", "main", "one-epoch", "--json").stdout)["params.yaml"]
     assert (params_diff["train.epochs"]["old"], params_diff["train.epochs"]["new"]) == (2, 1)
     assert (params_diff["train.learning_rate"]["old"], params_diff["train.learning_rate"]["new"]) == (0.1, 0.05)

@@ -55,6 +55,26 @@ def test_bad_values_name_the_key(section, key, value, message):
         parse_params(raw)
 
 
+def test_adam_with_weight_decay_is_refused_naming_both_keys():
+    # Keras 3's Adam would decouple the decay, i.e. be AdamW under another name.
+    raw = repo_params()
+    raw["train"]["optimizer"] = "adam"
+    raw["train"]["weight_decay"] = 5e-4
+    with pytest.raises(StageError) as raised:
+        parse_params(raw, source="params.yaml")
+    message = str(raised.value)
+    assert message.startswith("params.yaml: 'train.optimizer: adam' is plain Adam with no weight decay")
+    assert "'train.weight_decay' is 0.0005" in message and "use adamw" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(("optimizer", "weight_decay"), [("adam", 0.0), ("adamw", 5e-4), ("sgd", 5e-4), ("sgd", 0.0)])
+def test_optimizer_and_weight_decay_that_mean_what_they_say_are_accepted(optimizer, weight_decay):
+    raw = repo_params()
+    raw["train"]["optimizer"], raw["train"]["weight_decay"] = optimizer, weight_decay
+    params = parse_params(raw)
+    assert (params.train.optimizer, params.train.weight_decay) == (optimizer, weight_decay)
+
+
 def test_missing_key_is_named():
     raw = repo_params()
     del raw["prepare"]["seed"]

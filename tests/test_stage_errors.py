@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,7 +36,11 @@ def fetched_project(tmp_path, dataset):
 def test_unreachable_hub_dataset_says_how_to_work_offline(tmp_path, hub_dataset):
     root = make_project(tmp_path / "project", hub_dataset, **TINY_PARAMS, **{"fetch.dataset": "no-such-user/no-such-dataset"})
     result = run_stage(root, "fetch")
-    assert_one_line_error(result, "cannot load dataset 'no-such-user/no-such-dataset'", "point fetch.dataset at a local copy")
+    assert_one_line_error(
+        result,
+        "cannot load dataset 'no-such-user/no-such-dataset' from the hub (no such directory under the project root)",
+        "point fetch.dataset at a local copy",
+    )
     assert not (root / "data" / "raw").exists()
 
 
@@ -43,6 +48,49 @@ def test_missing_local_directory_is_named(tmp_path, hub_dataset):
     root = make_project(tmp_path / "project", hub_dataset, **TINY_PARAMS, **{"fetch.dataset": str(tmp_path / "nowhere")})
     assert_one_line_error(run_stage(root, "fetch"), f"fetch.dataset '{tmp_path / 'nowhere'}': no such directory")
     assert not (root / "data" / "raw").exists()
+
+
+def test_missing_relative_directory_is_named_where_it_was_looked_for(tmp_path, hub_dataset):
+    root = make_project(tmp_path / "project", hub_dataset, **{"fetch.dataset": "./data/copy"})
+    assert_one_line_error(
+        run_stage(root, "fetch"),
+        f"fetch.dataset './data/copy': no such directory (looked for {root / 'data' / 'copy'}: "
+        "a relative path is taken from the project root)",
+    )
+    assert not (root / "data" / "raw").exists()
+
+
+def test_relative_local_directory_is_taken_from_the_project_root_not_the_working_directory(tmp_path, hub_dataset, monkeypatch):
+    import shutil
+
+    from stages import fetch
+    from stages.params import FetchParams
+    from stages.paths import ProjectPaths
+
+    paths = ProjectPaths(tmp_path / "project")
+    shutil.copytree(hub_dataset, paths.root / "datasets" / "mine")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    fetch.run(FetchParams(dataset="datasets/mine"), paths)
+    assert (paths.raw_dir / "train").is_dir() and (paths.raw_dir / "test").is_dir()
+
+
+@pytest.mark.parametrize("dataset", ["./data/copy", "../copy", "data/copy/", "data/sets/copy", "~/no-such-dataset-dir"])
+def test_a_missing_path_is_never_taken_for_a_hub_id(tmp_path, dataset):
+    from stages.common import StageError
+    from stages.fetch import local_directory
+
+    with pytest.raises(StageError, match=f"^fetch.dataset '{re.escape(dataset)}': no such directory"):
+        local_directory(dataset, tmp_path)
+
+
+@pytest.mark.parametrize("dataset", ["cifar100", "uoft-cs/cifar100", "data/copy"])
+def test_a_hub_shaped_name_is_local_only_if_it_exists_under_the_root(tmp_path, dataset):
+    from stages.fetch import local_directory
+
+    assert local_directory(dataset, tmp_path) is None
+    (tmp_path / dataset).mkdir(parents=True)
+    assert local_directory(dataset, tmp_path) == tmp_path / dataset
 
 
 def test_empty_local_directory_is_named(tmp_path, hub_dataset):

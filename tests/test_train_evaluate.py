@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import keras
 import numpy as np
 import pytest
 
 from stages import evaluate, hardware, train
+from stages.common import StageError
 from stages.evaluate import load_model, predict_probabilities
 from stages.params import EvaluateParams, TrainParams
-from stages.paths import ProjectPaths
+from stages.paths import REPO_ROOT, ProjectPaths
 from stages.records import DatasetInfo, read_arrays
 from stages.synthetic import COARSE_NAMES
 
@@ -33,7 +35,7 @@ def test_chain_learns_far_above_chance_and_writes_everything(project_with):
     metrics = evaluate.run(EvaluateParams(batch_size=64, tta_flip=True, sample_images=9), paths)
     assert metrics["num_examples"] == 200
     assert metrics["accuracy"] > 0.3  # 20 classes: chance is 0.05 (0.5 seen with these settings)
-    assert set(metrics) == {"accuracy", "top5_accuracy", "loss", "num_examples"}
+    assert set(metrics) == {"accuracy", "top5_accuracy", "cross_entropy", "num_examples"}
     assert json.loads(paths.metrics_file.read_text()) == metrics
     per_class = json.loads(paths.class_accuracy_file.read_text())
     assert [row["class"] for row in per_class] == COARSE_NAMES
@@ -44,9 +46,23 @@ def test_chain_learns_far_above_chance_and_writes_everything(project_with):
     assert [path.name for path in paths.checkpoint_dir.iterdir()] == ["README.txt"]  # finished: nothing to resume
 
 
-def test_saved_model_classifies_raw_uint8_and_carries_class_names(prepared, tiny_train):
-    paths = prepared
-    train.run(dataclasses.replace(tiny_train, epochs=1), paths)
+# How the README tells a user to load the model: plain load_model, only the project's layers imported.
+USER_LOAD_SCRIPT = """
+import json, sys
+import keras, numpy as np
+import stages.network
+model = keras.models.load_model(sys.argv[1])
+logits = model.predict(np.load(sys.argv[2]), verbose=0)
+print("RESULT" + json.dumps({"class_names": stages.network.class_names_of(model), "logits": logits.tolist()}))
+"""
+
+
+def test_saved_model_classifies_raw_uint8_and_carries_class_names(project_with, tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    paths = ProjectPaths(project_with("prepared_dir", "model_file"))  # saved by train.run (conftest.trained_paths)
     model = load_model(paths.model_file)
     assert keras.saving.get_registered_name(type(model.get_layer("class_names"))) == "cifar100_dvc>ClassNames"
     info = DatasetInfo.read(paths.prepared_dir)
@@ -54,7 +70,24 @@ def test_saved_model_classifies_raw_uint8_and_carries_class_names(prepared, tiny
     images_uint8, _ = read_arrays(paths.prepared_dir, "test")
     probabilities = predict_probabilities(model, images_uint8[:10], batch_size=5, tta_flip=False)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
-    assert not model.compiled  # saved for inference: no optimizer state
+    # Saved for inference: no optimizer, schedule or loss that a user's load would have to resolve.
+    config = json.loads(zipfile.ZipFile(paths.model_file).read("config.json"))
+    assert not config.get("compile_config")  # Keras writes {} for a model never compiled
+    # A fresh Python session, as a user loads it (compile left at its default, train not imported).
+    np.save(tmp_path / "images.npy", images_uint8[:10])
+    loaded = subprocess.run(
+        [sys.executable, "-c", USER_LOAD_SCRIPT, str(paths.model_file), str(tmp_path / "images.npy")],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    result = json.loads(loaded.stdout.split("RESULT", 1)[1])
+    assert result["class_names"] == info.class_names
+    assert np.array(result["logits"]).shape == (10, len(info.class_names))
+    np.testing.assert_allclose(result["logits"], model.predict(images_uint8[:10], verbose=0), rtol=1e-4, atol=1e-4)
 
 
 def test_time_budget_stops_training_early(prepared, tiny_train):
@@ -126,6 +159,27 @@ def test_batch_larger_than_the_train_split_is_refused(prepared, tiny_train):
     with pytest.raises(StageError, match="train.batch_size=4096 exceeds the 540 train examples"):
         train.run(dataclasses.replace(tiny_train, batch_size=4096), paths)
     assert not paths.model_file.exists()
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "weight_decay", "expected_class", "expected_decay"),
+    [
+        ("sgd", 5e-4, keras.optimizers.SGD, 5e-4),
+        ("sgd", 0.0, keras.optimizers.SGD, None),
+        ("adamw", 5e-4, keras.optimizers.AdamW, 5e-4),
+        ("adam", 0.0, keras.optimizers.Adam, None),
+    ],
+)
+def test_each_optimizer_choice_is_its_own_optimizer(optimizer, weight_decay, expected_class, expected_decay):
+    params = TrainParams(optimizer=optimizer, weight_decay=weight_decay)
+    made = train.make_optimizer(params, steps_per_epoch=10)
+    assert type(made) is expected_class  # exact: AdamW subclasses Adam
+    assert made.weight_decay == (pytest.approx(expected_decay) if expected_decay else None)
+
+
+def test_adam_with_weight_decay_is_refused_even_when_params_were_not_parsed():
+    with pytest.raises(StageError, match="'train.optimizer: adam' is plain Adam with no weight decay"):
+        train.make_optimizer(TrainParams(optimizer="adam", weight_decay=5e-4), steps_per_epoch=10)
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_zero():
