@@ -325,8 +325,6 @@ def test_train_that_cannot_write_says_so_in_one_line_and_leaves_nothing(project_
     root = project_with("prepared_dir")
     result = run_stage_with_file_size_limit(root, "train", 60)  # a checkpoint is ~120 KB
     assert result.returncode == 1
-    assert error_lines(result) == [
-        f"error: train: cannot write {root / 'checkpoints' / 'epoch-0001.keras'}: File too large"
-    ]
+    assert error_lines(result) == [f"error: train: cannot write {root / 'checkpoints' / 'epoch-0001.keras'}: File too large"]
     assert "Exception ignored" not in result.stderr
     assert list((root / "checkpoints").iterdir()) == [] and not (root / "models").exists()

@@ -7,7 +7,7 @@ import yaml
 from stages.paths import REPO_ROOT
 
 README = (REPO_ROOT / "README.md").read_text()
-TEST_COMMAND = "./scripts/setup.sh && . .venv/bin/activate && ruff check . && pytest"
+TEST_COMMAND = "./scripts/setup.sh && . .venv/bin/activate && ruff check . && ruff format --check . && pytest"
 
 
 def test_every_parameter_is_documented_with_its_default():

@@ -231,7 +231,9 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 """
 
-ONE_STEP_SCRIPT = TWO_CPUS + """
+ONE_STEP_SCRIPT = (
+    TWO_CPUS
+    + """
 import json
 import keras, numpy as np
 from stages import train
@@ -257,6 +259,7 @@ for name, strategy in strategies.items():
 moved = [float(np.abs(a - b).max()) for a, b in zip(weights["one device"], weights["mirrored"])]
 print("RESULT" + json.dumps(moved))
 """
+)
 
 
 def run_on_two_cpus(script: str, *args: str):
@@ -286,7 +289,9 @@ def test_a_mirrored_step_over_two_replicas_is_the_step_on_one_device():
     assert max(differences) < 1e-4, differences
 
 
-MIRRORED_TRAINING_SCRIPT = TWO_CPUS + """
+MIRRORED_TRAINING_SCRIPT = (
+    TWO_CPUS
+    + """
 import dataclasses, json, logging, sys
 from pathlib import Path
 from stages import train
@@ -297,6 +302,7 @@ params = TrainParams(**json.loads(sys.argv[2]))
 summary = train.run(dataclasses.replace(params, distribute="mirrored"), ProjectPaths(Path(sys.argv[1])))
 print("SUMMARY" + json.dumps(summary["epochs"]))
 """
+)
 
 
 @pytest.mark.slow
