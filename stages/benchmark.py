@@ -342,7 +342,7 @@ def to_markdown(results: dict) -> str:
     compute = results["compute"]
     lines = [
         f"Machine: {results['machine']}  ",
-        f"Project rows: {compute['policy']} compute ({'bfloat16' if compute['bfloat16'] else 'float32'}), "
+        f"Project rows: {'bfloat16' if compute['bfloat16'] else 'float32'} compute (policy {compute['policy']}), "
         f"oneDNN {'on' if compute['onednn'] else 'off'}, fused BatchNorm {'on' if compute['fused_batch_norm'] else 'off'}, "
         f"XLA {'on' if compute['xla'] else 'off'}; notebook rows: float32, Keras BatchNorm  ",
         f"Dataset: `{results['dataset']}`",
