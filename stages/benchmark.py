@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import hardware, scratch
-from stages.common import run_main
-from stages.params import load_params
-from stages.paths import REPO_ROOT, ProjectPaths
+from cifar100_dvc import hardware, scratch
+from cifar100_dvc.common import run_main
+from cifar100_dvc.params import load_params
+from cifar100_dvc.paths import REPO_ROOT, ProjectPaths
 
 log = logging.getLogger(__name__)
 
@@ -155,16 +155,16 @@ def run_benchmark(dataset: str, label: str, out_dir: Path, images_per_run: int, 
     import datasets
     import keras
 
+    from cifar100_dvc.network import build_baseline, build_network
+    from cifar100_dvc.params import FetchParams
+    from cifar100_dvc.records import read_split
     from stages import fetch, prepare, train
-    from stages.network import build_baseline, build_network
-    from stages.params import FetchParams
-    from stages.records import read_split
 
     params = load_params(REPO_ROOT / "params.yaml")
     work = Path(tempfile.mkdtemp(prefix="cifar100-dvc-benchmark-"))
     try:
         if dataset == "synthetic":
-            from stages.synthetic import make_rows, write_hub_dataset
+            from cifar100_dvc.synthetic import make_rows, write_hub_dataset
 
             dataset = str(write_hub_dataset(work / "synthetic", {"train": make_rows(6000, 0), "test": make_rows(1000, 1)}))
             label = label or "fine_label"

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import StageError, atomic_output, one_line, run_main
-from stages.images import IMAGE_SHAPE
-from stages.params import EvaluateParams, load_params
-from stages.paths import ProjectPaths
-from stages.records import DatasetInfo, read_arrays
+from cifar100_dvc.common import StageError, atomic_output, one_line, run_main
+from cifar100_dvc.images import IMAGE_SHAPE
+from cifar100_dvc.params import EvaluateParams, load_params
+from cifar100_dvc.paths import ProjectPaths
+from cifar100_dvc.records import DatasetInfo, read_arrays
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def load_model(model_file: Path):
 
     import keras
 
-    import stages.network  # noqa: F401  (registers the ClassNames layer for deserialization)
+    import cifar100_dvc.network  # noqa: F401  (registers the ClassNames layer for deserialization)
 
     if not model_file.is_file():
         raise StageError(f"{model_file} not found: run the train stage first (dvc repro train)")
@@ -100,7 +100,7 @@ def load_model(model_file: Path):
 
 def foreign_model_problem(model) -> str | None:
     """Why ``model`` is not one of this project's (uint8 images in, one logit per named class out); None if it is."""
-    from stages.network import ClassNames
+    from cifar100_dvc.network import ClassNames
 
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         return f"it has {len(model.inputs)} input(s) and {len(model.outputs)} output(s), not one of each"

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 
-from stages.common import atomic_output, one_line, run_main
-from stages.params import ExportParams, load_params
-from stages.paths import ProjectPaths
+from cifar100_dvc.common import atomic_output, one_line, run_main
+from cifar100_dvc.params import ExportParams, load_params
+from cifar100_dvc.paths import ProjectPaths
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +20,8 @@ def run(params: ExportParams, paths: ProjectPaths) -> list[str]:
     """Export models/model.keras; return the names written under models/export."""
     import tensorflow as tf
 
+    from cifar100_dvc.network import class_names_of
     from stages.evaluate import load_model
-    from stages.network import class_names_of
 
     model = load_model(paths.model_file)
     written = []

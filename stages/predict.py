@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import StageError, one_line, setup_logging
-from stages.images import decode_image, to_rgb_uint8
-from stages.paths import ProjectPaths
+from cifar100_dvc.common import StageError, one_line, setup_logging
+from cifar100_dvc.images import decode_image, to_rgb_uint8
+from cifar100_dvc.paths import ProjectPaths
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -58,8 +58,8 @@ def top_k_classes(probabilities: np.ndarray, class_names: list[str], k: int) -> 
 
 def predict_files(model, files: list[Path], k: int = 5, tta_flip: bool = False) -> list[Prediction]:
     """A Prediction for each file, in order: its top-k classes, or its error."""
+    from cifar100_dvc.network import class_names_of
     from stages.evaluate import predict_probabilities
-    from stages.network import class_names_of
 
     loaded = [load_image(path) for path in files]
     readable = [pixels for pixels in loaded if not isinstance(pixels, str)]

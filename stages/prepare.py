@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import StageError, atomic_output, progress, run_main
-from stages.images import IMAGE_SHAPE, decode_image, to_rgb_uint8
-from stages.params import PrepareParams, load_params
-from stages.paths import ProjectPaths
-from stages.records import DatasetInfo, SplitInfo, write_shards
+from cifar100_dvc.common import StageError, atomic_output, progress, run_main
+from cifar100_dvc.images import IMAGE_SHAPE, decode_image, to_rgb_uint8
+from cifar100_dvc.params import PrepareParams, load_params
+from cifar100_dvc.paths import ProjectPaths
+from cifar100_dvc.records import DatasetInfo, SplitInfo, write_shards
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,13 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from stages import hardware
-from stages.augment import crop_and_flip
-from stages.common import StageError, atomic_output, remove_path, run_main
-from stages.network import InputSpec, build_network
-from stages.params import TrainParams, check_optimizer, load_params, to_dict
-from stages.paths import ProjectPaths
-from stages.records import DatasetInfo, read_split
+from cifar100_dvc import hardware
+from cifar100_dvc.augment import crop_and_flip
+from cifar100_dvc.common import StageError, atomic_output, remove_path, run_main
+from cifar100_dvc.network import InputSpec, build_network
+from cifar100_dvc.params import TrainParams, check_optimizer, load_params, to_dict
+from cifar100_dvc.paths import ProjectPaths
+from cifar100_dvc.records import DatasetInfo, read_split
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def resolve_device_settings(params: TrainParams, num_gpus: int, cpu_has_bfloat16
 
 
 def device_settings_here(params: TrainParams) -> DeviceSettings:
-    """``resolve_device_settings`` for the GPUs and CPU of this machine (see stages.hardware)."""
+    """``resolve_device_settings`` for the GPUs and CPU of this machine (see cifar100_dvc.hardware)."""
     return resolve_device_settings(
         params, len(tf.config.list_physical_devices("GPU")), hardware.cpu_has_bfloat16(hardware.cpu_flags())
     )

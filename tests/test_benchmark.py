@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from stages import hardware
-from stages.paths import REPO_ROOT
+from cifar100_dvc import hardware
+from cifar100_dvc.paths import REPO_ROOT
 
 
 @pytest.mark.slow

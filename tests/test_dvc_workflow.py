@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.scratch import commit, dvc, environment, set_params, sh
+from cifar100_dvc.scratch import commit, dvc, environment, set_params, sh
 
 pytestmark = pytest.mark.slow
 ALL_STAGES = {"fetch", "prepare", "train", "evaluate"}
@@ -40,16 +40,17 @@ def test_repro_runs_everything_once_then_only_what_changed(reproduced_repo, repo
 
     # Editing a shared module makes exactly the stages that import it out of date.
     for module, importers in {
-        "images.py": {"prepare", "evaluate"},
-        "hardware.py": {"train"},
-        "records.py": {"prepare", "train", "evaluate"},
-        "network.py": {"train", "evaluate"},
-        "augment.py": {"train"},
-        "evaluate.py": {"evaluate"},
-        "common.py": ALL_STAGES,
-        "__init__.py": ALL_STAGES,
+        "cifar100_dvc/images.py": {"prepare", "evaluate"},
+        "cifar100_dvc/hardware.py": {"train"},
+        "cifar100_dvc/records.py": {"prepare", "train", "evaluate"},
+        "cifar100_dvc/network.py": {"train", "evaluate"},
+        "cifar100_dvc/augment.py": {"train"},
+        "stages/evaluate.py": {"evaluate"},
+        "cifar100_dvc/common.py": ALL_STAGES,
+        "cifar100_dvc/__init__.py": ALL_STAGES,
+        "stages/__init__.py": ALL_STAGES,
     }.items():
-        path = repo / "stages" / module
+        path = repo / module
         original = path.read_text()
         path.write_text(original + "\n# an edit\n")
         changed = json.loads(dvc(repo, "status", "--json").stdout)

@@ -10,13 +10,14 @@ import keras
 import numpy as np
 import pytest
 
-from stages import evaluate, hardware, train
-from stages.common import StageError
+from cifar100_dvc import hardware
+from cifar100_dvc.common import StageError
+from cifar100_dvc.params import EvaluateParams, TrainParams
+from cifar100_dvc.paths import REPO_ROOT, ProjectPaths
+from cifar100_dvc.records import DatasetInfo, read_arrays
+from cifar100_dvc.synthetic import COARSE_NAMES
+from stages import evaluate, train
 from stages.evaluate import load_model, predict_probabilities
-from stages.params import EvaluateParams, TrainParams
-from stages.paths import REPO_ROOT, ProjectPaths
-from stages.records import DatasetInfo, read_arrays
-from stages.synthetic import COARSE_NAMES
 
 
 @pytest.fixture
@@ -50,10 +51,10 @@ def test_chain_learns_far_above_chance_and_writes_everything(project_with):
 USER_LOAD_SCRIPT = """
 import json, sys
 import keras, numpy as np
-import stages.network
+import cifar100_dvc.network
 model = keras.models.load_model(sys.argv[1])
 logits = model.predict(np.load(sys.argv[2]), verbose=0)
-print("RESULT" + json.dumps({"class_names": stages.network.class_names_of(model), "logits": logits.tolist()}))
+print("RESULT" + json.dumps({"class_names": cifar100_dvc.network.class_names_of(model), "logits": logits.tolist()}))
 """
 
 
@@ -142,7 +143,7 @@ def test_both_cpu_compute_paths_train_reproducibly_with_onednn(project_with, tin
     import keras
 
     monkeypatch.setenv(hardware.CPU_FLAGS_ENV, cpu_flags)
-    assert hardware.onednn_enabled()  # stages/__init__.py asks for it on every CPU
+    assert hardware.onednn_enabled()  # cifar100_dvc/__init__.py asks for it on every CPU
     runs = []
     for attempt in ("first", "second"):
         summary = train.run(tiny_train, ProjectPaths(project_with("prepared_dir", name=attempt)))
@@ -153,7 +154,7 @@ def test_both_cpu_compute_paths_train_reproducibly_with_onednn(project_with, tin
 
 
 def test_batch_larger_than_the_train_split_is_refused(prepared, tiny_train):
-    from stages.common import StageError
+    from cifar100_dvc.common import StageError
 
     paths = prepared
     with pytest.raises(StageError, match="train.batch_size=4096 exceeds the 540 train examples"):
@@ -237,8 +238,8 @@ ONE_STEP_SCRIPT = (
 import json
 import keras, numpy as np
 from stages import train
-from stages.network import InputSpec, build_resnet
-from stages.params import TrainParams
+from cifar100_dvc.network import InputSpec, build_resnet
+from cifar100_dvc.params import TrainParams
 
 spec = InputSpec((32, 32, 3), tuple("abcdefghij"), (120.0,) * 3, (60.0,) * 3)
 rng = np.random.default_rng(0)
@@ -267,7 +268,7 @@ def run_on_two_cpus(script: str, *args: str):
     import subprocess
     import sys
 
-    from stages.paths import REPO_ROOT
+    from cifar100_dvc.paths import REPO_ROOT
 
     result = subprocess.run(
         [sys.executable, "-c", script, *args],
@@ -295,8 +296,8 @@ MIRRORED_TRAINING_SCRIPT = (
 import dataclasses, json, logging, sys
 from pathlib import Path
 from stages import train
-from stages.paths import ProjectPaths
-from stages.params import TrainParams
+from cifar100_dvc.paths import ProjectPaths
+from cifar100_dvc.params import TrainParams
 logging.basicConfig(level=logging.INFO)
 params = TrainParams(**json.loads(sys.argv[2]))
 summary = train.run(dataclasses.replace(params, distribute="mirrored"), ProjectPaths(Path(sys.argv[1])))
@@ -307,7 +308,7 @@ print("SUMMARY" + json.dumps(summary["epochs"]))
 
 @pytest.mark.slow
 def test_mirrored_training_over_two_logical_cpus_learns(prepared, tiny_train):
-    from stages.params import to_dict
+    from cifar100_dvc.params import to_dict
 
     paths = prepared
     recipe = dataclasses.replace(tiny_train, epochs=6, warmup_epochs=1.0)

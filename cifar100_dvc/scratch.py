@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from stages.params import TrainParams, to_dict
-from stages.paths import REPO_ROOT
+from cifar100_dvc.params import TrainParams, to_dict
+from cifar100_dvc.paths import REPO_ROOT
 
 # The one tiny recipe: a network and schedule that learn the tests' synthetic data in seconds; the
 # benchmark's no-op `dvc repro` trains it too. A test that needs a longer or different run says so
@@ -34,8 +34,8 @@ TINY_PARAMS = {
     "evaluate.sample_images": 9,
 }
 
-# What a copy needs to run the pipeline: the code, the pipeline, its params and ignore rules.
-PROJECT_FILES = ("stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore")
+# What a copy needs to run the pipeline: the stages and the library, the pipeline, its params and ignore rules.
+PROJECT_FILES = ("stages", "cifar100_dvc", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore")
 
 # Stage and dvc subprocesses: quiet TensorFlow, never reach for the hub, no telemetry, a git
 # identity for commits, and output that is not held back in buffers.
