@@ -155,10 +155,12 @@ def run_benchmark(dataset: str, label: str, out_dir: Path, images_per_run: int, 
     import datasets
     import keras
 
+    from cifar100_dvc import training
+    from cifar100_dvc.images import find_image_column
     from cifar100_dvc.network import build_baseline, build_network
     from cifar100_dvc.params import FetchParams
     from cifar100_dvc.records import read_split
-    from stages import fetch, prepare, train
+    from stages import fetch, prepare
 
     params = load_params(REPO_ROOT / "params.yaml")
     work = Path(tempfile.mkdtemp(prefix="cifar100-dvc-benchmark-"))
@@ -185,9 +187,9 @@ def run_benchmark(dataset: str, label: str, out_dir: Path, images_per_run: int, 
 
         # 1. input pipelines
         raw = datasets.load_from_disk(str(paths.raw_dir))["train"]
-        image_column = prepare.find_image_column(raw.features)
+        image_column = find_image_column(raw.features)
         train_params = params.train
-        augment = train.augmenter(train_params)
+        augment = training.augmenter(train_params)
 
         def reader(batch_size, with_augment):
             return read_split(
@@ -215,10 +217,10 @@ def run_benchmark(dataset: str, label: str, out_dir: Path, images_per_run: int, 
         log.info("input %s", results["input"])
 
         # 2. training
-        spec = train.input_spec(info)
+        spec = training.input_spec(info)
         steps_per_epoch = num_train // train_params.batch_size
 
-        device = train.device_settings_here(train_params)
+        device = training.device_settings_here(train_params)
         results["compute"] = {  # what the project's rows ran with (the notebook's rows: float32, Keras BatchNorm)
             "onednn": results["machine_report"]["onednn"],
             "policy": device.mixed_precision_policy,
@@ -239,7 +241,7 @@ def run_benchmark(dataset: str, label: str, out_dir: Path, images_per_run: int, 
                 else:
                     model = build_network(arch, spec, train_settings.widths)
                     jit_compile, steps_per_execution = device.jit_compile, device.steps_per_execution
-                train.compile_model(model, train_settings, steps_per_epoch, jit_compile, steps_per_execution)
+                training.compile_model(model, train_settings, steps_per_epoch, jit_compile, steps_per_execution)
                 return model
 
             return make

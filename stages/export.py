@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from cifar100_dvc.common import atomic_output, one_line, run_main
+from cifar100_dvc.inference import load_model
 from cifar100_dvc.params import ExportParams, load_params
 from cifar100_dvc.paths import ProjectPaths
 
@@ -21,7 +22,6 @@ def run(params: ExportParams, paths: ProjectPaths) -> list[str]:
     import tensorflow as tf
 
     from cifar100_dvc.network import class_names_of
-    from stages.evaluate import load_model
 
     model = load_model(paths.model_file)
     written = []

@@ -18,6 +18,7 @@ import numpy as np
 
 from cifar100_dvc.common import StageError, one_line, setup_logging
 from cifar100_dvc.images import decode_image, to_rgb_uint8
+from cifar100_dvc.inference import load_model, predict_probabilities
 from cifar100_dvc.paths import ProjectPaths
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -59,7 +60,6 @@ def top_k_classes(probabilities: np.ndarray, class_names: list[str], k: int) -> 
 def predict_files(model, files: list[Path], k: int = 5, tta_flip: bool = False) -> list[Prediction]:
     """A Prediction for each file, in order: its top-k classes, or its error."""
     from cifar100_dvc.network import class_names_of
-    from stages.evaluate import predict_probabilities
 
     loaded = [load_image(path) for path in files]
     readable = [pixels for pixels in loaded if not isinstance(pixels, str)]
@@ -88,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
     setup_logging()
-    from stages.evaluate import load_model
-
     try:
         model = load_model(args.model)
     except StageError as error:

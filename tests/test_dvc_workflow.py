@@ -45,6 +45,8 @@ def test_repro_runs_everything_once_then_only_what_changed(reproduced_repo, repo
         "cifar100_dvc/records.py": {"prepare", "train", "evaluate"},
         "cifar100_dvc/network.py": {"train", "evaluate"},
         "cifar100_dvc/augment.py": {"train"},
+        "cifar100_dvc/training.py": {"train"},
+        "cifar100_dvc/inference.py": {"evaluate"},
         "stages/evaluate.py": {"evaluate"},
         "cifar100_dvc/common.py": ALL_STAGES,
         "cifar100_dvc/__init__.py": ALL_STAGES,

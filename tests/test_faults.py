@@ -113,7 +113,7 @@ def test_predict_names_what_is_wrong_with_a_model(tmp_path, make, message):
 def test_foreign_models_are_told_apart(tmp_path, model_kwargs, problem):
     import keras
 
-    from stages.evaluate import foreign_model_problem
+    from cifar100_dvc.inference import foreign_model_problem
 
     model = keras.models.load_model(foreign_model(tmp_path / "m.keras", **model_kwargs))
     assert foreign_model_problem(model) == problem
@@ -122,8 +122,8 @@ def test_foreign_models_are_told_apart(tmp_path, model_kwargs, problem):
 def test_a_model_whose_outputs_and_class_names_disagree_is_refused(project_model):
     import keras
 
+    from cifar100_dvc.inference import foreign_model_problem
     from cifar100_dvc.network import ClassNames
-    from stages.evaluate import foreign_model_problem
 
     model = keras.models.load_model(project_model, compile=False)
     inputs = keras.Input(shape=(32, 32, 3), dtype="uint8")

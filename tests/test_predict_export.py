@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cifar100_dvc.inference import load_model
 from cifar100_dvc.params import ExportParams
 from cifar100_dvc.paths import ProjectPaths
 from cifar100_dvc.scratch import environment
 from cifar100_dvc.synthetic import COARSE_NAMES, make_image
 from stages import export, predict
-from stages.evaluate import load_model
 
 
 @pytest.fixture
