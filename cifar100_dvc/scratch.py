@@ -34,8 +34,8 @@ TINY_PARAMS = {
     "evaluate.sample_images": 9,
 }
 
-# What a copy needs to run the pipeline: the stages and the library, the pipeline, its params and ignore rules.
-PROJECT_FILES = ("stages", "cifar100_dvc", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore")
+# What a copy needs to run the pipeline and the tools: the code, the pipeline, its params and ignore rules.
+PROJECT_FILES = ("stages", "cifar100_dvc", "tools", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore")
 
 # Stage and dvc subprocesses: quiet TensorFlow, never reach for the hub, no telemetry, a git
 # identity for commits, and output that is not held back in buffers.
@@ -52,11 +52,12 @@ QUIET_OFFLINE_ENV = {
 }
 
 
-def environment() -> dict[str, str]:
-    """This process's environment, quiet and offline, with this interpreter first on PATH (dvc
-    runs ``python -m stages.X`` through the shell and must find the same Python)."""
+def environment(offline: bool = True) -> dict[str, str]:
+    """This process's environment, quiet and (unless ``offline`` is False) offline, with this
+    interpreter first on PATH (dvc runs ``python -m stages.X`` through the shell and must find the same Python)."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, **QUIET_OFFLINE_ENV, "PATH": path}
+    settings = {key: value for key, value in QUIET_OFFLINE_ENV.items() if offline or not key.startswith("HF_")}
+    return {**os.environ, **settings, "PATH": path}
 
 
 def set_params(root: Path, **overrides: Any) -> None:
@@ -109,8 +110,13 @@ def init_repo(root: Path) -> Path:
     return root
 
 
-def run_stage(root: Path, stage: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_stage(root: Path, stage: str, timeout: float = 600, offline: bool = True) -> subprocess.CompletedProcess:
     """``python -m stages.<stage>`` in ``root``, as DVC runs it (the result is not checked)."""
     return subprocess.run(
-        [sys.executable, "-m", f"stages.{stage}"], cwd=root, capture_output=True, text=True, timeout=timeout, env=environment()
+        [sys.executable, "-m", f"stages.{stage}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment(offline),
     )

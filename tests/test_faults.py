@@ -29,7 +29,7 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 
 def run_predict(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "stages.predict", *args],
+        [sys.executable, "-m", "tools.predict", *args],
         capture_output=True,
         text=True,
         env=environment(),

@@ -1,4 +1,4 @@
-"""Classify image files with the trained model: ``python -m stages.predict IMAGE_OR_DIR ...``.
+"""Classify image files with the trained model: ``python -m tools.predict IMAGE_OR_DIR ...``.
 
 Each file (PNG, JPEG, ...; any mode or size) is converted to 32x32 RGB exactly as ``prepare``
 converts the dataset, then the model's top-k classes are printed with their probabilities.
@@ -78,7 +78,7 @@ def format_text(prediction: Prediction) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.predict", description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", type=Path, help="image files or directories of images")
     parser.add_argument("--model", type=Path, default=ProjectPaths().model_file, help="a .keras model (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=5, help="classes to show per image (default: %(default)s)")
