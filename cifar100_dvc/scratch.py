@@ -25,13 +25,14 @@ from cifar100_dvc.paths import REPO_ROOT
 TINY_TRAIN = TrainParams(
     widths=(8, 8, 16, 16), epochs=2, batch_size=32, learning_rate=0.1, warmup_epochs=0.5, shuffle_buffer=1000
 )
-# The same recipe as params.yaml overrides (for stage and dvc runs), with small prepare/evaluate settings.
+# The same recipe as params.yaml overrides (for stage and dvc runs), with small prepare/evaluate/export settings.
 TINY_PARAMS = {
     "prepare.label": "coarse_label",
     "prepare.examples_per_shard": 128,
     **{f"train.{key}": value for key, value in to_dict(TINY_TRAIN).items()},
     "evaluate.batch_size": 100,
     "evaluate.sample_images": 9,
+    "export.tflite": False,  # the TFLite conversion takes seconds; tests/test_predict_export.py runs it once
 }
 
 # What a copy needs to run the pipeline and the tools: the code, the pipeline, its params and ignore rules.

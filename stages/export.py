@@ -1,4 +1,4 @@
-"""Export the trained model for serving: ``python -m stages.export``.
+"""DVC stage ``export``: models/model.keras -> models/export, the trained model for serving.
 
 Writes models/export/saved_model (a TensorFlow SavedModel with a ``serve`` endpoint taking
 uint8 [N, 32, 32, 3] images and returning logits, for TF Serving or any TF runtime) and,

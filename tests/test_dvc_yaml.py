@@ -42,8 +42,8 @@ def declared(stage: dict, key: str) -> set[str]:
     return {next(iter(entry)) if isinstance(entry, dict) else entry for entry in stage.get(key, [])}
 
 
-def test_stages_are_the_four_in_order():
-    assert list(PIPELINE["stages"]) == ["fetch", "prepare", "train", "evaluate"]
+def test_stages_are_the_five_in_order():
+    assert list(PIPELINE["stages"]) == ["fetch", "prepare", "train", "evaluate", "export"]
     for name, stage in PIPELINE["stages"].items():
         assert stage["cmd"] == f"python -m stages.{name}"
 

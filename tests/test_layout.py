@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cifar100_dvc.paths import REPO_ROOT
 
@@ -34,6 +35,11 @@ def imports_package(path: Path, package: str) -> list[str]:
 
 def modules(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.py"))
+
+
+def test_stages_holds_exactly_the_dvc_stages():
+    pipeline = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+    assert {path.stem for path in modules(STAGES)} == {"__init__", *pipeline["stages"]}
 
 
 @pytest.mark.parametrize("path", modules(LIBRARY) + modules(TOOLS), ids=lambda path: f"{path.parent.name}/{path.name}")
