@@ -2,8 +2,9 @@
 
 The learning-rate schedule and the loss (registered with Keras under ``cifar100_dvc``), the
 optimizer and ``compile_model``, what ``auto`` resolves to on this machine (dtype policy, XLA,
-steps per call, distribution strategy), the batch augmenter, and ``process_settings``, which
-scopes a run's process-wide state (seed, dtype policy, op determinism).
+steps per call, distribution strategy), the batch augmenter, and the scopes of process-wide
+state: ``dtype_policy`` (Keras' global dtype policy) and ``process_settings`` (seed, dtype
+policy, op determinism), each restoring what it changed.
 """
 
 from __future__ import annotations
@@ -190,21 +191,31 @@ def input_spec(info: DatasetInfo) -> InputSpec:
 
 
 @contextlib.contextmanager
+def dtype_policy(policy: str) -> Iterator[None]:
+    """Keras' global dtype policy set to ``policy`` inside the block and restored after it: a layer
+    takes the policy in force when it is built, so build (and compile) the model inside."""
+    saved = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(saved)
+
+
+@contextlib.contextmanager
 def process_settings(seed: int, policy: str, deterministic: bool) -> Iterator[None]:
     """Seed Keras/TF/NumPy, set the dtype policy and op determinism for one run; restore the
     policy and determinism afterwards, so a run in a long-lived process (a test session, a
     notebook) leaves the next one as it found it. Seeds are not restored: every run sets its own."""
     from tensorflow.python.framework import config as tf_config
 
-    saved_policy = keras.mixed_precision.global_policy()
     saved_determinism = tf_config.is_op_determinism_enabled()
     keras.utils.set_random_seed(seed)
-    keras.mixed_precision.set_global_policy(policy)
     if deterministic:
         tf_config.enable_op_determinism()
     try:
-        yield
+        with dtype_policy(policy):
+            yield
     finally:
-        keras.mixed_precision.set_global_policy(saved_policy)
         if not saved_determinism:
             tf_config.disable_op_determinism()

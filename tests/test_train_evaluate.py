@@ -153,6 +153,14 @@ def test_both_cpu_compute_paths_train_reproducibly_with_onednn(project_with, tin
     assert runs[0] == runs[1]  # same params, seed and machine: the same training, to the last bit
 
 
+def test_dtype_policy_holds_inside_the_block_and_is_restored_even_after_an_error():
+    before = keras.mixed_precision.global_policy().name
+    with pytest.raises(RuntimeError, match="inside"), training.dtype_policy("mixed_bfloat16"):
+        assert keras.layers.Dense(2).dtype_policy.name == "mixed_bfloat16"  # a layer built inside takes it
+        raise RuntimeError("inside")
+    assert keras.mixed_precision.global_policy().name == before
+
+
 def test_batch_larger_than_the_train_split_is_refused(prepared, tiny_train):
     from cifar100_dvc.common import StageError
 

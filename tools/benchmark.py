@@ -1,17 +1,18 @@
-"""Measure the pipeline against the notebook, in one process so the ratios are fair.
+"""Measure the pipeline against the notebook; the input and training ratios in one process, so they are fair.
 
     python -m tools.benchmark --dataset ../shared/datasets/cifar10-dev --label label
     python -m tools.benchmark --dataset synthetic            # no download, no ../shared
 
-Writes benchmarks/results.json and benchmarks/results.md:
-1. input throughput (images/s): the notebook's pipeline (``from_generator`` over the
+Writes benchmarks/results.json and benchmarks/results.md, measured in this order:
+1. ``prepare`` throughput on the dataset (images/s), the stage run as DVC runs it
+   (``python -m stages.prepare`` in a scratch copy of the project, process start-up included);
+2. input throughput (images/s): the notebook's pipeline (``from_generator`` over the
    ``datasets`` object, ``map``, batch 32) against the project's TFRecord reader, without and
    with augmentation;
-2. training throughput (images/s) of ``baseline`` at the notebook's settings and at the
+3. training throughput (images/s) of ``baseline`` at the notebook's settings and at the
    project's, and of the default arch, each end to end and compute-only (one batch held in
-   memory), giving the share of time lost to input;
-3. ``prepare`` throughput on the dataset (images/s), the stage run as DVC runs it
-   (``python -m stages.prepare``, process start-up included);
+   memory), giving the share of time lost to input; then where the baseline's speed-up comes
+   from, one change at a time (compute only);
 4. wall time of a no-op ``dvc repro``.
 """
 
@@ -19,20 +20,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import logging
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cifar100_dvc import hardware, scratch
 from cifar100_dvc.common import StageError, one_line, run_main
-from cifar100_dvc.params import load_params
+from cifar100_dvc.params import TrainParams, load_params
 from cifar100_dvc.paths import REPO_ROOT, ProjectPaths
+
+if TYPE_CHECKING:  # TensorFlow-backed modules, imported where used: `--help` and argument errors stay fast
+    from cifar100_dvc.records import DatasetInfo
+    from cifar100_dvc.training import DeviceSettings
 
 log = logging.getLogger(__name__)
 
@@ -152,166 +160,235 @@ def settle() -> None:
     gc.collect()
 
 
-def run_benchmark(dataset: str, label: str, out_dir: Path, images_per_run: int, input_images: int, repeats: int) -> dict:
+@dataclass(frozen=True)
+class Workload:
+    """What the measurements read: the prepared scratch project, the raw train split (for the
+    notebook's pipeline) and the train settings and device settings measured."""
+
+    paths: ProjectPaths
+    info: DatasetInfo
+    raw_train: Any  # datasets.Dataset
+    image_column: str
+    label: str
+    train_params: TrainParams
+    device: DeviceSettings
+
+    @property
+    def num_train(self) -> int:
+        return self.info.splits["train"].num_examples
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """One measured model: its network, train settings and dtype policy; with ``stock_batch_norm``,
+    the notebook's graph (Keras' BatchNormalization, one step per call, no XLA)."""
+
+    arch: str
+    settings: TrainParams
+    policy: str
+    stock_batch_norm: bool = False
+
+
+def notebook_settings(train_params: TrainParams) -> TrainParams:
+    """The notebook's recipe: baseline, Adam at 1e-3, batch 32, constant rate, no decay, smoothing or augmentation."""
+    return dataclasses.replace(
+        train_params,
+        arch="baseline",
+        optimizer="adam",
+        learning_rate=1e-3,
+        batch_size=32,
+        schedule="constant",
+        warmup_epochs=0.0,
+        weight_decay=0.0,
+        label_smoothing=0.0,
+        augment=False,
+    )
+
+
+def resolve_dataset(dataset: str, label: str | None, work: Path) -> tuple[str, str | None]:
+    """(dataset to fetch, label column): ``synthetic`` is written under ``work`` (label fine_label unless
+    given); a local path is made absolute, since the stages run in a scratch copy of the project."""
+    if dataset == "synthetic":
+        from cifar100_dvc.synthetic import make_rows, write_hub_dataset
+
+        splits = {"train": make_rows(6000, 0), "test": make_rows(1000, 1)}
+        return str(write_hub_dataset(work / "synthetic", splits)), label or "fine_label"
+    return (str(Path(dataset).resolve()) if Path(dataset).exists() else dataset), label
+
+
+def prepare_dataset(dataset: str, label: str, root: Path) -> tuple[ProjectPaths, DatasetInfo, dict]:
+    """Fetch and prepare ``dataset`` in a scratch copy of the project at ``root``, as DVC runs the stages:
+    (its paths, the prepared data's info, prepare's throughput row)."""
+    from cifar100_dvc.records import DatasetInfo
+
+    paths = ProjectPaths(scratch.make_project(root, dataset, **{"prepare.label": label}))
+    run_stage(paths.root, "fetch")
+    seconds = run_stage(paths.root, "prepare")
+    info = DatasetInfo.read(paths.prepared_dir)
+    total = sum(split.num_examples for split in info.splits.values())
+    row = {"images": total, "seconds": round(seconds, 2), "images_per_s": round(total / seconds, 1)}
+    log.info("prepare %s", row)
+    return paths, info, row
+
+
+def load_workload(paths: ProjectPaths, info: DatasetInfo, label: str, train_params: TrainParams) -> Workload:
+    """The prepared project with its raw train split and the device settings `auto` picks here."""
     import datasets
-    import keras
 
     from cifar100_dvc import training
     from cifar100_dvc.images import find_image_column
+
+    raw_train = datasets.load_from_disk(str(paths.raw_dir))["train"]
+    device = training.device_settings_here(train_params)
+    return Workload(paths, info, raw_train, find_image_column(raw_train.features), label, train_params, device)
+
+
+def train_reader(work: Workload, batch_size: int, augment: bool):
+    """The project's reader over the train split: shuffled (seed 0), repeated, whole batches, optionally augmented."""
+    from cifar100_dvc import training
+    from cifar100_dvc.records import read_split
+
+    return read_split(
+        work.paths.prepared_dir,
+        "train",
+        batch_size,
+        shuffle_seed=0,
+        shuffle_buffer=work.train_params.shuffle_buffer,
+        repeat=True,
+        drop_remainder=True,
+        batch_transform=training.augmenter(work.train_params) if augment else None,
+    )
+
+
+def make_model(work: Workload, recipe: ModelRecipe):
+    """A fresh compiled model of ``recipe``, built and compiled under its dtype policy (restored afterwards)."""
+    import keras
+
+    from cifar100_dvc import training
     from cifar100_dvc.network import build_baseline, build_network
-    from cifar100_dvc.records import DatasetInfo, read_split
 
+    spec = training.input_spec(work.info)
+    steps_per_epoch = work.num_train // work.train_params.batch_size
+    with training.dtype_policy(recipe.policy):
+        if recipe.stock_batch_norm:
+            model = build_baseline(spec, batch_norm=keras.layers.BatchNormalization)
+            jit_compile, steps_per_execution = False, 1
+        else:
+            model = build_network(recipe.arch, spec, recipe.settings.widths)
+            jit_compile, steps_per_execution = work.device.jit_compile, work.device.steps_per_execution
+        training.compile_model(model, recipe.settings, steps_per_epoch, jit_compile, steps_per_execution)
+    return model
+
+
+def measure_inputs(work: Workload, input_images: int) -> dict:
+    """Images/s of the notebook's input pipeline and of the project's reader, without and with augmentation."""
+    batch = work.train_params.batch_size
+    warm = train_reader(work, batch, augment=False)
+    timed_images(warm, work.num_train)  # first pass fills the in-memory cache
+    notebook_rate = timed_images(notebook_input(work.raw_train, work.image_column, work.label), input_images)
+    rates = {
+        "notebook_images_per_s": round(notebook_rate, 1),
+        "reader_images_per_s": round(timed_images(warm, 4 * work.num_train), 1),
+        "reader_augment_images_per_s": round(timed_images(train_reader(work, batch, augment=True), 4 * work.num_train), 1),
+    }
+    rates["speedup"] = round(rates["reader_images_per_s"] / notebook_rate, 1)
+    rates["speedup_with_augment"] = round(rates["reader_augment_images_per_s"] / notebook_rate, 1)
+    log.info("input %s", rates)
+    return rates
+
+
+def compute_settings(work: Workload, machine_report: dict) -> dict:
+    """What the project's rows run with (the notebook's rows: float32, Keras BatchNorm)."""
+    return {
+        "onednn": machine_report["onednn"],
+        "policy": work.device.mixed_precision_policy,
+        "bfloat16": work.device.mixed_precision_policy == "mixed_bfloat16",
+        "fused_batch_norm": True,
+        "xla": work.device.jit_compile,
+    }
+
+
+def measure_training_rows(work: Workload, images_per_run: int, repeats: int) -> list[dict]:
+    """End-to-end and compute-only rows: baseline at the notebook's settings (its generator input) and
+    at the project's (the reader), and the default recipe."""
+    params, policy, batch = work.train_params, work.device.mixed_precision_policy, work.train_params.batch_size
+    project_baseline = dataclasses.replace(params, arch="baseline")
+    notebook_batches = notebook_input(work.raw_train, work.image_column, work.label, batch_size=32, scale=False).repeat()
+    # Each reader is made when its row is measured, after the previous row's models and iterators are freed.
+    return [
+        measure_training(
+            "baseline, notebook settings (generator input, batch 32, Adam, float32, Keras BatchNorm)",
+            functools.partial(
+                make_model, work, ModelRecipe("baseline", notebook_settings(params), "float32", stock_batch_norm=True)
+            ),
+            notebook_batches,
+            images_per_run,
+            repeats,
+        ),
+        measure_training(
+            f"baseline, project settings (reader, batch {batch}, augment, {policy}, fused BatchNorm)",
+            functools.partial(make_model, work, ModelRecipe("baseline", project_baseline, policy)),
+            train_reader(work, batch, augment=True),
+            images_per_run,
+            repeats,
+        ),
+        measure_training(
+            f"default ({params.arch} {list(params.widths)}, batch {batch}, augment, {policy})",
+            functools.partial(make_model, work, ModelRecipe(params.arch, params, policy)),
+            train_reader(work, batch, augment=True),
+            images_per_run,
+            repeats,
+        ),
+    ]
+
+
+def baseline_breakdown(work: Workload, train_rows: list[dict], images_per_run: int, repeats: int) -> list[dict]:
+    """Where the baseline's speed-up comes from: one change at a time from the notebook's settings, compute only
+    (the first and last steps are the notebook and project rows of ``train_rows``)."""
+    params, policy, batch = work.train_params, work.device.mixed_precision_policy, work.train_params.batch_size
+    project_baseline = dataclasses.replace(params, arch="baseline")
+    project_batch = next(iter(train_reader(work, batch, augment=True)))
+    notebook_row, project_row = train_rows[0], train_rows[1]
+    return [
+        {**notebook_row, "name": "notebook settings (batch 32, float32, Keras BatchNorm)"},
+        measure_compute_only(
+            f"+ project optimizer and batch {batch}",
+            functools.partial(make_model, work, ModelRecipe("baseline", project_baseline, "float32", stock_batch_norm=True)),
+            project_batch,
+            images_per_run,
+            repeats,
+        ),
+        measure_compute_only(
+            "+ fused BatchNorm",
+            functools.partial(make_model, work, ModelRecipe("baseline", project_baseline, "float32")),
+            project_batch,
+            images_per_run,
+            repeats,
+        ),
+        {**project_row, "name": f"+ {policy} compute (the project settings)"},
+    ]
+
+
+def run_benchmark(dataset: str, label: str | None, out_dir: Path, images_per_run: int, input_images: int, repeats: int) -> dict:
+    """Every measurement, in the order of the module's list; written to ``out_dir`` (results.json, results.md)."""
     params = load_params(REPO_ROOT / "params.yaml")
-    work = Path(tempfile.mkdtemp(prefix="cifar100-dvc-benchmark-"))
+    scratch_dir = Path(tempfile.mkdtemp(prefix="cifar100-dvc-benchmark-"))
     try:
-        if dataset == "synthetic":
-            from cifar100_dvc.synthetic import make_rows, write_hub_dataset
-
-            dataset = str(write_hub_dataset(work / "synthetic", {"train": make_rows(6000, 0), "test": make_rows(1000, 1)}))
-            label = label or "fine_label"
-        paths = ProjectPaths(scratch.make_project(work / "project", dataset, **{"prepare.label": label}))
-        run_stage(paths.root, "fetch")
-        prepare_seconds = run_stage(paths.root, "prepare")
-        info = DatasetInfo.read(paths.prepared_dir)
-        total = sum(split.num_examples for split in info.splits.values())
-        results = {
-            "machine": machine_description(),
-            "machine_report": dataclasses.asdict(hardware.machine_report()),
-            "dataset": dataset,
-            "prepare": {"images": total, "seconds": round(prepare_seconds, 2), "images_per_s": round(total / prepare_seconds, 1)},
-        }
-        log.info("prepare %s", results["prepare"])
-
-        # 1. input pipelines
-        raw = datasets.load_from_disk(str(paths.raw_dir))["train"]
-        image_column = find_image_column(raw.features)
-        train_params = params.train
-        augment = training.augmenter(train_params)
-
-        def reader(batch_size, with_augment):
-            return read_split(
-                paths.prepared_dir,
-                "train",
-                batch_size,
-                shuffle_seed=0,
-                shuffle_buffer=train_params.shuffle_buffer,
-                repeat=True,
-                drop_remainder=True,
-                batch_transform=augment if with_augment else None,
-            )
-
-        num_train = info.splits["train"].num_examples
-        warm = reader(train_params.batch_size, False)
-        timed_images(warm, num_train)  # first pass fills the in-memory cache
-        notebook_rate = timed_images(notebook_input(raw, image_column, label), input_images)
-        results["input"] = {
-            "notebook_images_per_s": round(notebook_rate, 1),
-            "reader_images_per_s": round(timed_images(warm, 4 * num_train), 1),
-            "reader_augment_images_per_s": round(timed_images(reader(train_params.batch_size, True), 4 * num_train), 1),
-        }
-        results["input"]["speedup"] = round(results["input"]["reader_images_per_s"] / notebook_rate, 1)
-        results["input"]["speedup_with_augment"] = round(results["input"]["reader_augment_images_per_s"] / notebook_rate, 1)
-        log.info("input %s", results["input"])
-
-        # 2. training
-        spec = training.input_spec(info)
-        steps_per_epoch = num_train // train_params.batch_size
-
-        device = training.device_settings_here(train_params)
-        results["compute"] = {  # what the project's rows ran with (the notebook's rows: float32, Keras BatchNorm)
-            "onednn": results["machine_report"]["onednn"],
-            "policy": device.mixed_precision_policy,
-            "bfloat16": device.mixed_precision_policy == "mixed_bfloat16",
-            "fused_batch_norm": True,
-            "xla": device.jit_compile,
-        }
-
-        def factory(arch, train_settings, policy, stock_batch_norm=False):
-            """A fresh compiled model at ``policy``; the graph settings `auto` picks here, or the
-            notebook's (float32, one step per call, no XLA, Keras' stock BatchNorm)."""
-
-            def make():
-                keras.mixed_precision.set_global_policy(policy)
-                if stock_batch_norm:
-                    model = build_baseline(spec, batch_norm=keras.layers.BatchNormalization)
-                    jit_compile, steps_per_execution = False, 1
-                else:
-                    model = build_network(arch, spec, train_settings.widths)
-                    jit_compile, steps_per_execution = device.jit_compile, device.steps_per_execution
-                training.compile_model(model, train_settings, steps_per_epoch, jit_compile, steps_per_execution)
-                return model
-
-            return make
-
-        notebook_settings = dataclasses.replace(
-            train_params,
-            arch="baseline",
-            optimizer="adam",
-            learning_rate=1e-3,
-            batch_size=32,
-            schedule="constant",
-            warmup_epochs=0.0,
-            weight_decay=0.0,
-            label_smoothing=0.0,
-            augment=False,
-        )
-        project_baseline = dataclasses.replace(train_params, arch="baseline")
-        policy = device.mixed_precision_policy
-        notebook_batches = notebook_input(raw, image_column, label, batch_size=32, scale=False).repeat()
-        batch = train_params.batch_size
-        results["train"] = [
-            measure_training(
-                "baseline, notebook settings (generator input, batch 32, Adam, float32, Keras BatchNorm)",
-                factory("baseline", notebook_settings, "float32", stock_batch_norm=True),
-                notebook_batches,
-                images_per_run,
-                repeats,
-            ),
-            measure_training(
-                f"baseline, project settings (reader, batch {batch}, augment, {policy}, fused BatchNorm)",
-                factory("baseline", project_baseline, policy),
-                reader(batch, True),
-                images_per_run,
-                repeats,
-            ),
-            measure_training(
-                f"default ({train_params.arch} {list(train_params.widths)}, batch {batch}, augment, {policy})",
-                factory(train_params.arch, train_params, policy),
-                reader(batch, True),
-                images_per_run,
-                repeats,
-            ),
-        ]
+        dataset, label = resolve_dataset(dataset, label, scratch_dir)
+        paths, info, prepare_row = prepare_dataset(dataset, label, scratch_dir / "project")
+        machine_report = dataclasses.asdict(hardware.machine_report())
+        results = {"machine": machine_description(), "machine_report": machine_report, "dataset": dataset, "prepare": prepare_row}
+        work = load_workload(paths, info, label, params.train)
+        results["input"] = measure_inputs(work, input_images)
+        results["compute"] = compute_settings(work, machine_report)
+        results["train"] = measure_training_rows(work, images_per_run, repeats)
         notebook_row, project_row = results["train"][0], results["train"][1]
         results["baseline_speedup"] = round(project_row["images_per_s"] / notebook_row["images_per_s"], 2)
-
-        # Where the baseline's speed-up comes from: one change at a time, compute only.
-        project_batch = next(iter(reader(batch, True)))
-        results["baseline_steps"] = [
-            {**notebook_row, "name": "notebook settings (batch 32, float32, Keras BatchNorm)"},
-            measure_compute_only(
-                f"+ project optimizer and batch {batch}",
-                factory("baseline", project_baseline, "float32", stock_batch_norm=True),
-                project_batch,
-                images_per_run,
-                repeats,
-            ),
-            measure_compute_only(
-                "+ fused BatchNorm",
-                factory("baseline", project_baseline, "float32"),
-                project_batch,
-                images_per_run,
-                repeats,
-            ),
-            {**project_row, "name": f"+ {policy} compute (the project settings)"},
-        ]
-
-        # 4. no-op dvc repro
-        results["noop_dvc_repro_seconds"] = noop_repro_seconds(dataset, label, work / "repo")
+        results["baseline_steps"] = baseline_breakdown(work, results["train"], images_per_run, repeats)
+        results["noop_dvc_repro_seconds"] = noop_repro_seconds(dataset, label, scratch_dir / "repo")
         log.info("no-op dvc repro: %.2f s", results["noop_dvc_repro_seconds"])
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-
+        shutil.rmtree(scratch_dir, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "results.md").write_text(to_markdown(results))
@@ -332,10 +409,10 @@ def run_stage(root: Path, stage: str) -> float:
 
 def noop_repro_seconds(dataset: str, label: str, repo: Path) -> float:
     """Seconds of ``dvc repro`` when nothing changed, in a scratch copy of the project (the tiny
-    training recipe for one epoch: what is timed is DVC deciding that nothing needs to run)."""
+    training recipe for one epoch, no TFLite: what is timed is DVC deciding that nothing needs to run)."""
     dataset = str(Path(dataset).resolve()) if Path(dataset).exists() else dataset
-    tiny_train = {key: value for key, value in scratch.TINY_PARAMS.items() if key.startswith("train.")}
-    scratch.init_repo(scratch.make_project(repo, dataset, **{**tiny_train, "train.epochs": 1, "prepare.label": label}))
+    tiny = {key: value for key, value in scratch.TINY_PARAMS.items() if key.startswith(("train.", "export."))}
+    scratch.init_repo(scratch.make_project(repo, dataset, **{**tiny, "train.epochs": 1, "prepare.label": label}))
     scratch.dvc(repo, "repro", "-q")
     started = time.perf_counter()
     scratch.dvc(repo, "repro", "-q")
