@@ -17,15 +17,17 @@ TOOLS = REPO_ROOT / "tools"
 
 
 def imported_packages_and_modules(path: Path) -> set[str]:
-    """Every module name ``path`` imports (at any depth, inside functions too), as written:
-    ``from stages import fetch`` gives ``stages`` and ``stages.fetch``."""
+    """Every module name the module at ``path`` (a top-level package's) imports, at any depth and inside
+    functions too: ``from stages import fetch`` (or ``from . import fetch`` in stages/) gives ``stages``
+    and ``stages.fetch``."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module if node.level == 0 else ".".join(filter(None, [path.parent.name, node.module]))
+            names.add(module)
+            names |= {f"{module}.{alias.name}" for alias in node.names}
     return names
 
 
