@@ -1,12 +1,9 @@
-"""cifar100-dvc: one module per DVC stage plus the few shared modules they import.
+"""cifar100-dvc's DVC stages: one module per stage of dvc.yaml, run as ``python -m stages.NAME``.
 
-The one thing done at import: ask TensorFlow for its oneDNN kernels before anything imports
-it. Its x86 wheels switch them on by themselves only on CPUs with AVX512_VNNI/AVX512_BF16/AMX;
-on an AVX2-only CPU the default network then trains about 2x slower in float32 (Eigen's kernels).
-Every entry point (the stages, predict, export, the benchmark, the tests) imports this package
-first, so it takes effect everywhere; ``TF_ENABLE_ONEDNN_OPTS=0`` in the environment still wins.
+Nothing imports a stage module: what stages, tools and tests share lives in ``cifar100_dvc``.
 """
 
-import os as _os
-
-_os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+# Before the stage module runs: `python -m stages.NAME` imports this package first, and importing
+# the library here sets TensorFlow's oneDNN default before anything imports TensorFlow. (Inside a
+# stage module, isort would put `import keras` above the library's imports, too late for that.)
+import cifar100_dvc  # noqa: F401

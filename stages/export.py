@@ -1,4 +1,4 @@
-"""Export the trained model for serving: ``python -m stages.export``.
+"""DVC stage ``export``: models/model.keras -> models/export, the trained model for serving.
 
 Writes models/export/saved_model (a TensorFlow SavedModel with a ``serve`` endpoint taking
 uint8 [N, 32, 32, 3] images and returning logits, for TF Serving or any TF runtime) and,
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 
-from stages.common import atomic_output, one_line, run_main
-from stages.params import ExportParams, load_params
-from stages.paths import ProjectPaths
+from cifar100_dvc.common import atomic_output, one_line, run_main
+from cifar100_dvc.inference import load_model
+from cifar100_dvc.params import ExportParams, load_params
+from cifar100_dvc.paths import ProjectPaths
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +21,7 @@ def run(params: ExportParams, paths: ProjectPaths) -> list[str]:
     """Export models/model.keras; return the names written under models/export."""
     import tensorflow as tf
 
-    from stages.evaluate import load_model
-    from stages.network import class_names_of
+    from cifar100_dvc.network import class_names_of
 
     model = load_model(paths.model_file)
     written = []

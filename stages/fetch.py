@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages.common import StageError, atomic_output, is_write_failure, one_line, run_main
-from stages.params import FetchParams, load_params
-from stages.paths import ProjectPaths
+from cifar100_dvc.common import StageError, atomic_output, is_write_failure, one_line, run_main
+from cifar100_dvc.params import FetchParams, load_params
+from cifar100_dvc.paths import ProjectPaths
 
 log = logging.getLogger(__name__)
 

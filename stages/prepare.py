@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import StageError, atomic_output, progress, run_main
-from stages.images import IMAGE_SHAPE, decode_image, to_rgb_uint8
-from stages.params import PrepareParams, load_params
-from stages.paths import ProjectPaths
-from stages.records import DatasetInfo, SplitInfo, write_shards
+from cifar100_dvc.common import StageError, atomic_output, progress, run_main
+from cifar100_dvc.images import IMAGE_SHAPE, decode_image, find_image_column, to_rgb_uint8
+from cifar100_dvc.params import PrepareParams, load_params
+from cifar100_dvc.paths import ProjectPaths
+from cifar100_dvc.records import DatasetInfo, SplitInfo, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +71,6 @@ def channel_stats(images_uint8: np.ndarray, chunk: int = 4096) -> tuple[list[flo
     mean = total / count
     variance = np.maximum(total_squares / count - mean * mean, 0.0)
     return mean.tolist(), np.sqrt(variance).tolist()
-
-
-def find_image_column(features) -> str:
-    from datasets import Image
-
-    for name, feature in features.items():
-        if isinstance(feature, Image):
-            return name
-    raise StageError(f"data/raw has no image column (columns: {list(features)}): run fetch again")
 
 
 def class_names_for(features, label_column: str) -> list[str]:

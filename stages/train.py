@@ -5,11 +5,13 @@ Per-epoch train/val loss, accuracy and top-5 accuracy go to dvclive (``dvc plots
 full training state is checkpointed under checkpoints/ (a DVC ``persist`` output), so a run
 that is killed or interrupted continues from its last completed epoch when run again with
 the same params and data, and ends exactly where an uninterrupted run would.
+
+The schedule, loss, optimizer and device settings are library code (cifar100_dvc.training);
+this module holds what only the stage needs: the clock, the checkpoints and ``run``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -17,20 +19,18 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import tensorflow as tf
 
-from stages import hardware
-from stages.augment import crop_and_flip
-from stages.common import StageError, atomic_output, remove_path, run_main
-from stages.network import InputSpec, build_network
-from stages.params import TrainParams, check_optimizer, load_params, to_dict
-from stages.paths import ProjectPaths
-from stages.records import DatasetInfo, read_split
+from cifar100_dvc import hardware
+from cifar100_dvc.common import StageError, atomic_output, remove_path, run_main
+from cifar100_dvc.network import build_network
+from cifar100_dvc.params import TrainParams, load_params, to_dict
+from cifar100_dvc.paths import ProjectPaths
+from cifar100_dvc.records import DatasetInfo, read_split
+from cifar100_dvc.training import augmenter, compile_model, device_settings_here, input_spec, make_strategy, process_settings
 
 log = logging.getLogger(__name__)
 
@@ -38,156 +38,7 @@ _STATE_FILE = "state.json"
 _NOT_LIVE_METRICS = ("epoch", "epoch_fraction", "seconds")  # history keys that are not metrics
 
 
-# ---------------------------------------------------------------- pure pieces
-
-
-@keras.saving.register_keras_serializable(package="cifar100_dvc")
-class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then constant, linear or cosine decay to 0.
-
-    With ``budget_spent`` (a variable holding the share of a time budget used, 0..1) the schedule
-    runs at the pace of whichever is further along, the steps or the clock: on a machine too slow
-    to finish ``total_steps`` in the budget, the whole schedule (warm-up and decay) is compressed
-    into the budget, so training still ends with the rate decayed to 0 instead of at its peak.
-    """
-
-    def __init__(self, peak: float, warmup_steps: int, total_steps: int, decay: str, budget_spent=None):
-        self.peak, self.warmup_steps, self.total_steps, self.decay = peak, warmup_steps, total_steps, decay
-        self.budget_spent = budget_spent  # run state, not config: never serialized
-
-    def __call__(self, step):
-        step = keras.ops.cast(step, "float32")
-        if self.budget_spent is not None:
-            step = keras.ops.maximum(step, keras.ops.cast(self.budget_spent, "float32") * self.total_steps)
-        warmup = keras.ops.minimum(1.0, (step + 1.0) / max(1, self.warmup_steps))
-        progress = keras.ops.clip((step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps), 0.0, 1.0)
-        if self.decay == "linear":
-            factor = 1.0 - progress
-        elif self.decay == "cosine":
-            factor = 0.5 * (1.0 + keras.ops.cos(math.pi * progress))
-        else:
-            factor = keras.ops.ones_like(progress)
-        return self.peak * warmup * factor
-
-    def get_config(self):
-        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps, "decay": self.decay}
-
-
-@keras.saving.register_keras_serializable(package="cifar100_dvc")
-def smoothed_sparse_crossentropy(labels, logits, label_smoothing: float = 0.0):
-    """Cross-entropy of integer labels against logits, with label smoothing."""
-    num_classes = keras.ops.shape(logits)[-1]
-    one_hot = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(labels, [-1]), "int32"), num_classes)
-    return keras.losses.categorical_crossentropy(one_hot, logits, from_logits=True, label_smoothing=label_smoothing)
-
-
-@keras.saving.register_keras_serializable(package="cifar100_dvc")
-class SmoothedSparseCrossentropy(keras.losses.Loss):
-    """``smoothed_sparse_crossentropy`` as a serializable Keras loss."""
-
-    def __init__(self, label_smoothing: float = 0.0, name: str = "smoothed_sparse_crossentropy", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.label_smoothing = label_smoothing
-
-    def call(self, labels, logits):
-        return smoothed_sparse_crossentropy(labels, logits, self.label_smoothing)
-
-    def get_config(self):
-        return {**super().get_config(), "label_smoothing": self.label_smoothing}
-
-
-def make_optimizer(params: TrainParams, steps_per_epoch: int, budget_spent=None) -> keras.optimizers.Optimizer:
-    """The optimizer of ``params`` with its warm-up + decay learning-rate schedule (see WarmupSchedule).
-
-    sgd and adamw decay the weights decoupled from the gradient (by weight_decay times the rate,
-    each step); adam is plain Adam, with no decay at all (params refuse it with weight_decay > 0).
-    """
-    schedule = WarmupSchedule(
-        peak=params.learning_rate,
-        warmup_steps=int(round(params.warmup_epochs * steps_per_epoch)),
-        total_steps=params.epochs * steps_per_epoch,
-        decay=params.schedule,
-        budget_spent=budget_spent,
-    )
-    if params.optimizer == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=params.momentum, nesterov=True, weight_decay=params.weight_decay or None)
-    if params.optimizer == "adamw":
-        return keras.optimizers.AdamW(schedule, weight_decay=params.weight_decay)
-    check_optimizer(params)  # adam with decay would be AdamW under another name (see check_optimizer)
-    return keras.optimizers.Adam(schedule)
-
-
-def compile_model(
-    model: keras.Model,
-    params: TrainParams,
-    steps_per_epoch: int,
-    jit_compile: bool,
-    steps_per_execution: int,
-    budget_spent=None,
-) -> None:
-    model.compile(
-        optimizer=make_optimizer(params, steps_per_epoch, budget_spent),
-        loss=SmoothedSparseCrossentropy(params.label_smoothing),
-        metrics=[
-            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-            keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5_accuracy"),
-        ],
-        jit_compile=jit_compile,
-        steps_per_execution=steps_per_execution,
-    )
-
-
-@dataclass(frozen=True)
-class DeviceSettings:
-    """What ``auto`` resolves to on the machine at hand."""
-
-    num_gpus: int
-    mixed_precision_policy: str  # keras dtype policy name
-    jit_compile: bool
-    steps_per_execution: int
-
-
-def resolve_device_settings(params: TrainParams, num_gpus: int, cpu_has_bfloat16: bool = False) -> DeviceSettings:
-    """What ``auto`` means here.
-
-    GPU: bfloat16 (float16 before Ampere) compute, XLA and 16 steps per graph call.
-    CPU: one step per call and no XLA (slower than oneDNN's kernels on a CPU); bfloat16 compute
-    where the CPU has native bfloat16 dot products (AVX512_BF16/AMX), where oneDNN runs the
-    convolutions 1.4-1.7x faster than in float32 (measured here), else float32.
-    """
-    on_gpu = num_gpus > 0
-    mixed = params.mixed_precision == "on" or (params.mixed_precision == "auto" and (on_gpu or cpu_has_bfloat16))
-    policy = "float32"
-    if mixed:
-        policy = "mixed_bfloat16" if (not on_gpu or _gpus_support_bfloat16()) else "mixed_float16"
-    jit = params.jit_compile == "on" or (params.jit_compile == "auto" and on_gpu)
-    steps = params.steps_per_execution or (16 if on_gpu else 1)
-    return DeviceSettings(num_gpus, policy, jit, steps)
-
-
-def device_settings_here(params: TrainParams) -> DeviceSettings:
-    """``resolve_device_settings`` for the GPUs and CPU of this machine (see stages.hardware)."""
-    return resolve_device_settings(
-        params, len(tf.config.list_physical_devices("GPU")), hardware.cpu_has_bfloat16(hardware.cpu_flags())
-    )
-
-
-def _gpus_support_bfloat16() -> bool:
-    for gpu in tf.config.list_physical_devices("GPU"):
-        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0))
-        if capability < (8, 0):  # bfloat16 tensor cores start with Ampere
-            return False
-    return True
-
-
-def make_strategy(distribute: str) -> tf.distribute.Strategy:
-    """MirroredStrategy over all local GPUs (or logical CPUs when there is no GPU) or the default."""
-    gpus = tf.config.list_logical_devices("GPU")
-    if distribute == "mirrored" or (distribute == "auto" and len(gpus) > 1):
-        devices = [device.name for device in (gpus or tf.config.list_logical_devices("CPU"))]
-        log.info("MirroredStrategy over %s", devices)
-        return tf.distribute.MirroredStrategy(devices)
-    return tf.distribute.get_strategy()
+# ---------------------------------------------------------------- clock, checkpoints and their fingerprint
 
 
 def fingerprint(params: TrainParams, prepared_dir: Path) -> str:
@@ -198,43 +49,6 @@ def fingerprint(params: TrainParams, prepared_dir: Path) -> str:
         with path.open("rb") as handle:
             digest.update(hashlib.file_digest(handle, "sha1").digest())
     return digest.hexdigest()
-
-
-def augmenter(params: TrainParams):
-    """Crop-and-flip of a batch, seeded by (train.seed, the batch's position in the stream)."""
-
-    def augment(images: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
-        return crop_and_flip(images, tf.stack([tf.constant(params.seed, tf.int64), position]), params.crop_padding)
-
-    return augment
-
-
-def input_spec(info: DatasetInfo) -> InputSpec:
-    return InputSpec(tuple(info.image_shape), tuple(info.class_names), tuple(info.mean_rgb), tuple(info.std_rgb))
-
-
-@contextlib.contextmanager
-def process_settings(seed: int, policy: str, deterministic: bool) -> Iterator[None]:
-    """Seed Keras/TF/NumPy, set the dtype policy and op determinism for one run; restore the
-    policy and determinism afterwards, so a run in a long-lived process (a test session, a
-    notebook) leaves the next one as it found it. Seeds are not restored: every run sets its own."""
-    from tensorflow.python.framework import config as tf_config
-
-    saved_policy = keras.mixed_precision.global_policy()
-    saved_determinism = tf_config.is_op_determinism_enabled()
-    keras.utils.set_random_seed(seed)
-    keras.mixed_precision.set_global_policy(policy)
-    if deterministic:
-        tf_config.enable_op_determinism()
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(saved_policy)
-        if not saved_determinism:
-            tf_config.disable_op_determinism()
-
-
-# ---------------------------------------------------------------- callbacks and checkpoints
 
 
 class TrainingClock(keras.callbacks.Callback):
@@ -460,7 +274,7 @@ def _without_optimizer(model: keras.Model, strategy: tf.distribute.Strategy) -> 
 
     Rebuilt from its config, not cloned: ``keras.models.clone_model`` compiles the clone of a
     compiled model, and a saved compile config (optimizer, WarmupSchedule, the smoothed loss)
-    makes a plain ``keras.models.load_model`` fail without this module's classes registered.
+    makes a plain ``keras.models.load_model`` fail without cifar100_dvc.training's classes registered.
     """
     with strategy.scope():
         clean = keras.Model.from_config(model.get_config())

@@ -1,6 +1,9 @@
 """Fixtures shared by the tests: small generated data, the one tiny recipe, and artifacts made once
 per session (a prepared dataset, a trained model, a reproduced DVC repository) that each test
-gets its own copy of, so tests stay independent without paying for the same work again."""
+gets its own copy of, so tests stay independent without paying for the same work again.
+
+pytest loads this file before any test module, so its import of ``cifar100_dvc`` (below) sets
+TensorFlow's oneDNN default (cifar100_dvc/__init__.py) before any test imports TensorFlow."""
 
 from __future__ import annotations
 
@@ -13,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from stages.params import TrainParams
-from stages.paths import ProjectPaths
-from stages.scratch import QUIET_OFFLINE_ENV, TINY_PARAMS, TINY_TRAIN, commit, dvc, init_repo, make_project
-from stages.synthetic import make_rows, write_hub_dataset
+from cifar100_dvc.params import TrainParams
+from cifar100_dvc.paths import ProjectPaths
+from cifar100_dvc.scratch import QUIET_OFFLINE_ENV, TINY_PARAMS, TINY_TRAIN, commit, dvc, init_repo, make_project
+from cifar100_dvc.synthetic import make_rows, write_hub_dataset
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -56,8 +59,8 @@ def project(tmp_path, hub_dataset) -> Path:
 @pytest.fixture(scope="session")
 def prepared_paths(tmp_path_factory, hub_dataset) -> ProjectPaths:
     """fetch + prepare (coarse labels) of the synthetic dataset, done once, in process."""
+    from cifar100_dvc.params import FetchParams, PrepareParams
     from stages import fetch, prepare
-    from stages.params import FetchParams, PrepareParams
 
     paths = ProjectPaths(tmp_path_factory.mktemp("prepared-project"))
     fetch.run(FetchParams(dataset=str(hub_dataset)), paths)

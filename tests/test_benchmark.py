@@ -12,14 +12,14 @@ import sys
 
 import pytest
 
-from stages import hardware
-from stages.paths import REPO_ROOT
+from cifar100_dvc import hardware
+from cifar100_dvc.paths import REPO_ROOT
 
 
 @pytest.mark.slow
 def test_benchmark_writes_every_measurement(hub_dataset, tmp_path):
     out = tmp_path / "results"
-    command = [sys.executable, "-m", "stages.benchmark", "--dataset", str(hub_dataset), "--label", "fine_label"]
+    command = [sys.executable, "-m", "tools.benchmark", "--dataset", str(hub_dataset), "--label", "fine_label"]
     command += ["--out", str(out), "--train-images", "256", "--input-images", "64", "--repeats", "1"]
     completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]

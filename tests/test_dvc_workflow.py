@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.scratch import commit, dvc, environment, set_params, sh
+from cifar100_dvc.scratch import commit, dvc, environment, set_params, sh
 
 pytestmark = pytest.mark.slow
-ALL_STAGES = {"fetch", "prepare", "train", "evaluate"}
+ALL_STAGES = {"fetch", "prepare", "train", "evaluate", "export"}
 
 
 def stages_run(result: subprocess.CompletedProcess) -> set[str]:
@@ -34,22 +34,28 @@ def test_repro_runs_everything_once_then_only_what_changed(reproduced_repo, repo
     assert stages_run(second) == set()
     assert "up to date" in second.stdout
     set_params(repo, **{"train.epochs": 1})
-    assert stages_run(dvc(repo, "repro")) == {"train", "evaluate"}
+    assert stages_run(dvc(repo, "repro")) == {"train", "evaluate", "export"}
     set_params(repo, **{"prepare.val_fraction": 0.2})
-    assert stages_run(dvc(repo, "repro")) == {"prepare", "train", "evaluate"}
+    assert stages_run(dvc(repo, "repro")) == {"prepare", "train", "evaluate", "export"}
+    set_params(repo, **{"export.tflite": True})
+    assert stages_run(dvc(repo, "repro")) == {"export"}
 
     # Editing a shared module makes exactly the stages that import it out of date.
     for module, importers in {
-        "images.py": {"prepare", "evaluate"},
-        "hardware.py": {"train"},
-        "records.py": {"prepare", "train", "evaluate"},
-        "network.py": {"train", "evaluate"},
-        "augment.py": {"train"},
-        "evaluate.py": {"evaluate"},
-        "common.py": ALL_STAGES,
-        "__init__.py": ALL_STAGES,
+        "cifar100_dvc/images.py": {"prepare", "evaluate", "export"},
+        "cifar100_dvc/hardware.py": {"train"},
+        "cifar100_dvc/records.py": {"prepare", "train", "evaluate"},
+        "cifar100_dvc/network.py": {"train", "evaluate", "export"},
+        "cifar100_dvc/augment.py": {"train"},
+        "cifar100_dvc/training.py": {"train"},
+        "cifar100_dvc/inference.py": {"evaluate", "export"},
+        "stages/export.py": {"export"},
+        "stages/evaluate.py": {"evaluate"},
+        "cifar100_dvc/common.py": ALL_STAGES,
+        "cifar100_dvc/__init__.py": ALL_STAGES,
+        "stages/__init__.py": ALL_STAGES,
     }.items():
-        path = repo / "stages" / module
+        path = repo / module
         original = path.read_text()
         path.write_text(original + "\n# an edit\n")
         changed = json.loads(dvc(repo, "status", "--json").stdout)
@@ -118,11 +124,12 @@ def test_push_remove_pull_restores_everything(repo, tmp_path):
     dvc(repo, "remote", "add", "-d", "storage", str(tmp_path / "remote"))
     dvc(repo, "push")
     shutil.rmtree(repo / ".dvc" / "cache")
-    for output in ("data/raw", "data/prepared", "models/model.keras", "models/history.json", "plots"):
+    for output in ("data/raw", "data/prepared", "models/model.keras", "models/history.json", "models/export", "plots"):
         path = repo / output
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     dvc(repo, "pull")
     assert (repo / "models" / "model.keras").is_file()
+    assert (repo / "models" / "export" / "saved_model").is_dir()
     assert (repo / "data" / "prepared" / "dataset.json").is_file()
     status = dvc(repo, "status")
     assert "up to date" in status.stdout, status.stdout

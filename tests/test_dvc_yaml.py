@@ -3,32 +3,38 @@
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 import yaml
 
-from stages.params import Params, to_dict
-from stages.paths import REPO_ROOT, STAGE_INPUTS, STAGE_OUTPUTS, ProjectPaths
+from cifar100_dvc.params import Params, to_dict
+from cifar100_dvc.paths import REPO_ROOT, STAGE_INPUTS, STAGE_OUTPUTS, ProjectPaths
 
 PIPELINE = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
 PATHS = ProjectPaths()
+LIBRARY = "cifar100_dvc"  # the package every stage imports its shared code from
 
 
-def imported_stage_modules(module: str, seen: set[str] | None = None) -> set[str]:
-    """``stages`` modules imported (at any depth, inside functions too) by ``stages/<module>.py``."""
+def imported_library_modules(path: Path, seen: set[str] | None = None) -> set[str]:
+    """Library modules (``cifar100_dvc/X.py``, repository-relative) that the module at ``path`` imports,
+    at any depth and inside functions too: ``from cifar100_dvc.X import ...``, ``from cifar100_dvc import X``,
+    ``import cifar100_dvc.X``. Importing any of them runs ``cifar100_dvc/__init__.py`` first."""
     seen = set() if seen is None else seen
-    tree = ast.parse((REPO_ROOT / "stages" / f"{module}.py").read_text())
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         names = []
-        if isinstance(node, ast.ImportFrom) and node.module == "stages":  # from stages import hardware
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages."):
-            names = [node.module.split(".", 1)[1]]
+        if isinstance(node, ast.ImportFrom) and node.module == LIBRARY:  # from cifar100_dvc import hardware
+            names = ["__init__"] + [alias.name for alias in node.names if (REPO_ROOT / LIBRARY / f"{alias.name}.py").is_file()]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(f"{LIBRARY}."):
+            names = ["__init__", node.module.split(".")[1]]
         elif isinstance(node, ast.Import):
-            names = [alias.name.split(".", 1)[1] for alias in node.names if alias.name.startswith("stages.")]
+            for alias in node.names:
+                if alias.name == LIBRARY or alias.name.startswith(f"{LIBRARY}."):
+                    names += ["__init__", *alias.name.split(".")[1:2]]
         for name in names:
-            if name not in seen:
-                seen.add(name)
-                imported_stage_modules(name, seen)
+            module = f"{LIBRARY}/{name}.py"
+            if module not in seen:
+                seen.add(module)
+                imported_library_modules(REPO_ROOT / module, seen)
     return seen
 
 
@@ -36,23 +42,29 @@ def declared(stage: dict, key: str) -> set[str]:
     return {next(iter(entry)) if isinstance(entry, dict) else entry for entry in stage.get(key, [])}
 
 
-def test_stages_are_the_four_in_order():
-    assert list(PIPELINE["stages"]) == ["fetch", "prepare", "train", "evaluate"]
+def test_stages_are_the_five_in_order():
+    assert list(PIPELINE["stages"]) == ["fetch", "prepare", "train", "evaluate", "export"]
     for name, stage in PIPELINE["stages"].items():
         assert stage["cmd"] == f"python -m stages.{name}"
 
 
+def is_code(dep: str) -> bool:
+    return dep.startswith(("stages/", f"{LIBRARY}/"))
+
+
 def test_code_deps_are_exactly_the_modules_each_stage_imports():
     for name, stage in PIPELINE["stages"].items():
-        # `python -m stages.NAME` runs the package's __init__ first (it sets TensorFlow's oneDNN default).
-        modules = {name, "__init__"} | imported_stage_modules(name)
-        code = {f"stages/{module}.py" for module in modules}
-        assert {dep for dep in declared(stage, "deps") if dep.startswith("stages/")} == code, name
+        # `python -m stages.NAME` runs the package's __init__ first, which imports the library's.
+        entry_points = {f"stages/{name}.py", "stages/__init__.py"}
+        code = entry_points | {f"{LIBRARY}/__init__.py"}
+        for module in entry_points:
+            code |= imported_library_modules(REPO_ROOT / module)
+        assert {dep for dep in declared(stage, "deps") if is_code(dep)} == code, name
 
 
 def test_data_deps_and_outputs_match_the_declared_paths():
     for name, stage in PIPELINE["stages"].items():
-        data_deps = {dep for dep in declared(stage, "deps") if not dep.startswith("stages/")}
+        data_deps = {dep for dep in declared(stage, "deps") if not is_code(dep)}
         assert data_deps == {PATHS.relative(getattr(PATHS, attr)) for attr in STAGE_INPUTS[name]}, name
         outputs = declared(stage, "outs") | declared(stage, "metrics") | declared(stage, "plots")
         assert outputs == {PATHS.relative(getattr(PATHS, attr)) for attr in STAGE_OUTPUTS[name]}, name

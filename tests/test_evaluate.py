@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from cifar100_dvc.inference import softmax
 from stages.evaluate import (
     class_accuracy,
     compute_metrics,
@@ -14,7 +15,6 @@ from stages.evaluate import (
     epoch_positions,
     plot_confusion_matrix,
     plot_training_curves,
-    softmax,
 )
 
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.paths import ProjectPaths
-from stages.scratch import TINY_PARAMS, environment, make_project
-from stages.synthetic import COARSE_NAMES, make_image
+from cifar100_dvc.paths import ProjectPaths
+from cifar100_dvc.scratch import TINY_PARAMS, environment, make_project
+from cifar100_dvc.synthetic import COARSE_NAMES, make_image
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -29,7 +29,7 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 
 def run_predict(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "stages.predict", *args],
+        [sys.executable, "-m", "tools.predict", *args],
         capture_output=True,
         text=True,
         env=environment(),
@@ -40,7 +40,7 @@ def run_predict(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def project_model(tmp_path_factory) -> Path:
     """An untrained model built by this project (20 coarse classes): what predict needs, in a second."""
-    from stages.network import InputSpec, build_network
+    from cifar100_dvc.network import InputSpec, build_network
 
     spec = InputSpec((32, 32, 3), tuple(COARSE_NAMES), (128.0, 128.0, 128.0), (64.0, 64.0, 64.0))
     path = tmp_path_factory.mktemp("model") / "model.keras"
@@ -113,7 +113,7 @@ def test_predict_names_what_is_wrong_with_a_model(tmp_path, make, message):
 def test_foreign_models_are_told_apart(tmp_path, model_kwargs, problem):
     import keras
 
-    from stages.evaluate import foreign_model_problem
+    from cifar100_dvc.inference import foreign_model_problem
 
     model = keras.models.load_model(foreign_model(tmp_path / "m.keras", **model_kwargs))
     assert foreign_model_problem(model) == problem
@@ -122,8 +122,8 @@ def test_foreign_models_are_told_apart(tmp_path, model_kwargs, problem):
 def test_a_model_whose_outputs_and_class_names_disagree_is_refused(project_model):
     import keras
 
-    from stages.evaluate import foreign_model_problem
-    from stages.network import ClassNames
+    from cifar100_dvc.inference import foreign_model_problem
+    from cifar100_dvc.network import ClassNames
 
     model = keras.models.load_model(project_model, compile=False)
     inputs = keras.Input(shape=(32, 32, 3), dtype="uint8")
@@ -135,9 +135,9 @@ def test_a_model_whose_outputs_and_class_names_disagree_is_refused(project_model
 
 @pytest.mark.parametrize("make", [foreign_model, corrupt_model], ids=["foreign", "corrupt"])
 def test_evaluate_refuses_a_model_that_is_not_this_project_s(tmp_path, project_with, make):
+    from cifar100_dvc.common import StageError
+    from cifar100_dvc.params import EvaluateParams
     from stages import evaluate
-    from stages.common import StageError
-    from stages.params import EvaluateParams
 
     paths = ProjectPaths(project_with("prepared_dir"))
     paths.model_file.parent.mkdir()
@@ -163,7 +163,7 @@ def siblings(final: Path) -> list[str]:
 
 
 def test_success_swaps_a_directory_in_whole(tmp_path):
-    from stages.common import atomic_output
+    from cifar100_dvc.common import atomic_output
 
     final = previous_output(tmp_path)
     with atomic_output(final) as staged:
@@ -175,7 +175,7 @@ def test_success_swaps_a_directory_in_whole(tmp_path):
 
 @pytest.mark.parametrize("kind", ["directory", "file"])
 def test_interrupted_write_leaves_the_previous_output_as_it_was(tmp_path, kind):
-    from stages.common import atomic_output
+    from cifar100_dvc.common import atomic_output
 
     final = previous_output(tmp_path) if kind == "directory" else tmp_path / "model.keras"
     if kind == "file":
@@ -192,7 +192,7 @@ def test_interrupted_write_leaves_the_previous_output_as_it_was(tmp_path, kind):
 
 
 def test_run_main_reports_an_interrupt_truthfully_and_keeps_the_output(tmp_path, capsys):
-    from stages.common import atomic_output, run_main
+    from cifar100_dvc.common import atomic_output, run_main
 
     final = previous_output(tmp_path)
 
@@ -212,7 +212,7 @@ def test_run_main_reports_an_interrupt_truthfully_and_keeps_the_output(tmp_path,
 
 
 def test_a_killed_run_s_staging_folder_is_cleared_by_the_next_run(tmp_path):
-    from stages.common import atomic_output
+    from cifar100_dvc.common import atomic_output
 
     final = previous_output(tmp_path)
     (final.parent / ".prepared.partial-k1ll3d9x" / "prepared").mkdir(parents=True)  # what kill -9 leaves
@@ -228,7 +228,7 @@ def test_git_and_dvc_do_not_see_staging_folders_nor_a_linked_venv(tmp_path):
 
     from dvc.repo import Repo
 
-    from stages.paths import REPO_ROOT
+    from cifar100_dvc.paths import REPO_ROOT
 
     for name in (".gitignore", ".dvcignore"):
         shutil.copy(REPO_ROOT / name, tmp_path / name)
@@ -249,7 +249,7 @@ def test_git_and_dvc_do_not_see_staging_folders_nor_a_linked_venv(tmp_path):
 
 
 def test_an_io_error_in_a_stage_is_one_line_naming_the_file(capsys):
-    from stages.common import run_main
+    from cifar100_dvc.common import run_main
 
     def body() -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/prepared/x.tfrecord")
@@ -263,7 +263,7 @@ def test_an_io_error_in_a_stage_is_one_line_naming_the_file(capsys):
 
 
 def test_a_bug_keeps_its_traceback():
-    from stages.common import run_main
+    from cifar100_dvc.common import run_main
 
     with pytest.raises(ZeroDivisionError):
         run_main("prepare", lambda: 1 / 0)
@@ -272,7 +272,7 @@ def test_a_bug_keeps_its_traceback():
 def test_a_tensorflow_write_error_names_the_output_and_leaves_nothing(tmp_path):
     import tensorflow as tf
 
-    from stages.common import StageError, atomic_output
+    from cifar100_dvc.common import StageError, atomic_output
 
     final = previous_output(tmp_path)
     with pytest.raises(StageError, match=f"^cannot write {final}: File too large$"), atomic_output(final) as staged:
@@ -284,7 +284,7 @@ def test_a_tensorflow_write_error_names_the_output_and_leaves_nothing(tmp_path):
 def test_a_tensorflow_error_that_is_not_about_a_file_stays_a_bug():
     import tensorflow as tf
 
-    from stages.common import io_error_reason
+    from cifar100_dvc.common import io_error_reason
 
     assert io_error_reason(tf.errors.OutOfRangeError(None, None, "/x/shard.tfrecord; No space left on device")) == (
         "No space left on device"

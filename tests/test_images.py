@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.images import MAX_IMAGE_PIXELS, decode_image, to_rgb, to_rgb_uint8
+from cifar100_dvc.images import MAX_IMAGE_PIXELS, decode_image, to_rgb, to_rgb_uint8
 
 
 def solid(mode: str, value, size=(32, 32)) -> Image.Image:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from stages.augment import crop_and_flip, random_crop, random_flip
-from stages.network import ARCHITECTURES, FusedBatchNormalization, InputSpec, build_baseline, build_network, class_names_of
-from stages.train import SmoothedSparseCrossentropy
+from cifar100_dvc.augment import crop_and_flip, random_crop, random_flip
+from cifar100_dvc.network import ARCHITECTURES, FusedBatchNormalization, InputSpec, build_baseline, build_network, class_names_of
+from cifar100_dvc.training import SmoothedSparseCrossentropy
 
 SMALL_WIDTHS = (8, 8, 16, 16)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common import StageError
-from stages.params import Params, load_params, parse_params, to_dict
-from stages.paths import REPO_ROOT
+from cifar100_dvc.common import StageError
+from cifar100_dvc.params import Params, load_params, parse_params, to_dict
+from cifar100_dvc.paths import REPO_ROOT
 
 
 def repo_params() -> dict:

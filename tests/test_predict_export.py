@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import export, predict
-from stages.evaluate import load_model
-from stages.params import ExportParams
-from stages.paths import ProjectPaths
-from stages.scratch import environment
-from stages.synthetic import COARSE_NAMES, make_image
+from cifar100_dvc.inference import load_model
+from cifar100_dvc.params import ExportParams
+from cifar100_dvc.paths import ProjectPaths
+from cifar100_dvc.scratch import environment
+from cifar100_dvc.synthetic import COARSE_NAMES, make_image
+from stages import export
+from tools import predict
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def test_predictions_match_the_model_in_memory(trained, image_dir):
 
 def run_predict(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "stages.predict", *args],
+        [sys.executable, "-m", "tools.predict", *args],
         capture_output=True,
         text=True,
         env=environment(),

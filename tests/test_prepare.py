@@ -8,10 +8,10 @@ import logging
 import numpy as np
 import pytest
 
-from stages.images import decode_image, to_rgb_uint8
+from cifar100_dvc.images import decode_image, to_rgb_uint8
+from cifar100_dvc.records import DatasetInfo, read_arrays, read_split
+from cifar100_dvc.synthetic import COARSE_NAMES, FINE_NAMES, hub_fine_names, make_rows, write_hub_dataset
 from stages.prepare import channel_stats, fix_class_names, stratified_split
-from stages.records import DatasetInfo, read_arrays, read_split
-from stages.synthetic import COARSE_NAMES, FINE_NAMES, hub_fine_names, make_rows, write_hub_dataset
 
 
 def decoded_rows(rows):
@@ -99,9 +99,9 @@ def test_known_misnamings_are_fixed_only_in_their_column():
 
 
 def test_dataset_json_names_crab_where_the_hub_card_says_cra(tmp_path, caplog):
+    from cifar100_dvc.params import FetchParams, PrepareParams
+    from cifar100_dvc.paths import ProjectPaths
     from stages import fetch, prepare
-    from stages.params import FetchParams, PrepareParams
-    from stages.paths import ProjectPaths
 
     assert hub_fine_names()[26] == "cra"  # the synthetic card carries the hub's typo
     splits = {"train": make_rows(200, 1), "test": make_rows(100, 2)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from stages.paths import REPO_ROOT
+from cifar100_dvc.paths import REPO_ROOT
 
 README = (REPO_ROOT / "README.md").read_text()
 TEST_COMMAND = "./scripts/setup.sh && . .venv/bin/activate && ruff check . && ruff format --check . && pytest"

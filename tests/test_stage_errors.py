@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from stages.scratch import TINY_PARAMS, make_project, run_stage, set_params
-from stages.synthetic import make_rows, write_hub_dataset
+from cifar100_dvc.scratch import TINY_PARAMS, make_project, run_stage, set_params
+from cifar100_dvc.synthetic import make_rows, write_hub_dataset
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -63,9 +63,9 @@ def test_missing_relative_directory_is_named_where_it_was_looked_for(tmp_path, h
 def test_relative_local_directory_is_taken_from_the_project_root_not_the_working_directory(tmp_path, hub_dataset, monkeypatch):
     import shutil
 
+    from cifar100_dvc.params import FetchParams
+    from cifar100_dvc.paths import ProjectPaths
     from stages import fetch
-    from stages.params import FetchParams
-    from stages.paths import ProjectPaths
 
     paths = ProjectPaths(tmp_path / "project")
     shutil.copytree(hub_dataset, paths.root / "datasets" / "mine")
@@ -77,7 +77,7 @@ def test_relative_local_directory_is_taken_from_the_project_root_not_the_working
 
 @pytest.mark.parametrize("dataset", ["./data/copy", "../copy", "data/copy/", "data/sets/copy", "~/no-such-dataset-dir"])
 def test_a_missing_path_is_never_taken_for_a_hub_id(tmp_path, dataset):
-    from stages.common import StageError
+    from cifar100_dvc.common import StageError
     from stages.fetch import local_directory
 
     with pytest.raises(StageError, match=f"^fetch.dataset '{re.escape(dataset)}': no such directory"):
@@ -173,7 +173,7 @@ def test_empty_split_is_refused_by_fetch(tmp_path):
 def test_empty_split_is_refused_by_prepare():
     import datasets
 
-    from stages.common import StageError
+    from cifar100_dvc.common import StageError
     from stages.prepare import decode_split
 
     empty = datasets.Dataset.from_dict(

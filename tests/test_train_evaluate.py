@@ -10,13 +10,14 @@ import keras
 import numpy as np
 import pytest
 
-from stages import evaluate, hardware, train
-from stages.common import StageError
-from stages.evaluate import load_model, predict_probabilities
-from stages.params import EvaluateParams, TrainParams
-from stages.paths import REPO_ROOT, ProjectPaths
-from stages.records import DatasetInfo, read_arrays
-from stages.synthetic import COARSE_NAMES
+from cifar100_dvc import hardware, training
+from cifar100_dvc.common import StageError
+from cifar100_dvc.inference import load_model, predict_probabilities
+from cifar100_dvc.params import EvaluateParams, TrainParams
+from cifar100_dvc.paths import REPO_ROOT, ProjectPaths
+from cifar100_dvc.records import DatasetInfo, read_arrays
+from cifar100_dvc.synthetic import COARSE_NAMES
+from stages import evaluate, train
 
 
 @pytest.fixture
@@ -50,10 +51,10 @@ def test_chain_learns_far_above_chance_and_writes_everything(project_with):
 USER_LOAD_SCRIPT = """
 import json, sys
 import keras, numpy as np
-import stages.network
+import cifar100_dvc.network
 model = keras.models.load_model(sys.argv[1])
 logits = model.predict(np.load(sys.argv[2]), verbose=0)
-print("RESULT" + json.dumps({"class_names": stages.network.class_names_of(model), "logits": logits.tolist()}))
+print("RESULT" + json.dumps({"class_names": cifar100_dvc.network.class_names_of(model), "logits": logits.tolist()}))
 """
 
 
@@ -129,7 +130,7 @@ def test_schedule_follows_the_share_of_the_budget_spent_when_it_is_further_along
     import keras
 
     spent = keras.Variable(0.0, trainable=False)
-    schedule = train.WarmupSchedule(peak=1.0, warmup_steps=10, total_steps=110, decay="linear", budget_spent=spent)
+    schedule = training.WarmupSchedule(peak=1.0, warmup_steps=10, total_steps=110, decay="linear", budget_spent=spent)
     assert float(schedule(60)) == pytest.approx(0.5)  # the steps lead: the plain schedule
     spent.assign(0.75)
     assert float(schedule(60)) == pytest.approx(float(schedule(0.75 * 110)))  # the clock leads
@@ -142,7 +143,7 @@ def test_both_cpu_compute_paths_train_reproducibly_with_onednn(project_with, tin
     import keras
 
     monkeypatch.setenv(hardware.CPU_FLAGS_ENV, cpu_flags)
-    assert hardware.onednn_enabled()  # stages/__init__.py asks for it on every CPU
+    assert hardware.onednn_enabled()  # cifar100_dvc/__init__.py asks for it on every CPU
     runs = []
     for attempt in ("first", "second"):
         summary = train.run(tiny_train, ProjectPaths(project_with("prepared_dir", name=attempt)))
@@ -152,8 +153,16 @@ def test_both_cpu_compute_paths_train_reproducibly_with_onednn(project_with, tin
     assert runs[0] == runs[1]  # same params, seed and machine: the same training, to the last bit
 
 
+def test_dtype_policy_holds_inside_the_block_and_is_restored_even_after_an_error():
+    before = keras.mixed_precision.global_policy().name
+    with pytest.raises(RuntimeError, match="inside"), training.dtype_policy("mixed_bfloat16"):
+        assert keras.layers.Dense(2).dtype_policy.name == "mixed_bfloat16"  # a layer built inside takes it
+        raise RuntimeError("inside")
+    assert keras.mixed_precision.global_policy().name == before
+
+
 def test_batch_larger_than_the_train_split_is_refused(prepared, tiny_train):
-    from stages.common import StageError
+    from cifar100_dvc.common import StageError
 
     paths = prepared
     with pytest.raises(StageError, match="train.batch_size=4096 exceeds the 540 train examples"):
@@ -172,34 +181,36 @@ def test_batch_larger_than_the_train_split_is_refused(prepared, tiny_train):
 )
 def test_each_optimizer_choice_is_its_own_optimizer(optimizer, weight_decay, expected_class, expected_decay):
     params = TrainParams(optimizer=optimizer, weight_decay=weight_decay)
-    made = train.make_optimizer(params, steps_per_epoch=10)
+    made = training.make_optimizer(params, steps_per_epoch=10)
     assert type(made) is expected_class  # exact: AdamW subclasses Adam
     assert made.weight_decay == (pytest.approx(expected_decay) if expected_decay else None)
 
 
 def test_adam_with_weight_decay_is_refused_even_when_params_were_not_parsed():
     with pytest.raises(StageError, match="'train.optimizer: adam' is plain Adam with no weight decay"):
-        train.make_optimizer(TrainParams(optimizer="adam", weight_decay=5e-4), steps_per_epoch=10)
+        training.make_optimizer(TrainParams(optimizer="adam", weight_decay=5e-4), steps_per_epoch=10)
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_zero():
-    schedule = train.WarmupSchedule(peak=0.4, warmup_steps=10, total_steps=110, decay="linear")
+    schedule = training.WarmupSchedule(peak=0.4, warmup_steps=10, total_steps=110, decay="linear")
     values = [float(schedule(step)) for step in (0, 4, 9, 10, 60, 110)]
     np.testing.assert_allclose(values, [0.04, 0.2, 0.4, 0.4, 0.2, 0.0], atol=1e-6)
-    cosine = train.WarmupSchedule(peak=1.0, warmup_steps=0, total_steps=100, decay="cosine")
+    cosine = training.WarmupSchedule(peak=1.0, warmup_steps=0, total_steps=100, decay="cosine")
     np.testing.assert_allclose([float(cosine(s)) for s in (0, 50, 100)], [1.0, 0.5, 0.0], atol=1e-6)
-    constant = train.WarmupSchedule(peak=0.3, warmup_steps=0, total_steps=100, decay="constant")
+    constant = training.WarmupSchedule(peak=0.3, warmup_steps=0, total_steps=100, decay="constant")
     assert float(constant(99)) == pytest.approx(0.3)
 
 
 def test_device_settings_auto_resolve_by_hardware():
-    cpu = train.resolve_device_settings(TrainParams(), num_gpus=0)
+    cpu = training.resolve_device_settings(TrainParams(), num_gpus=0)
     assert (cpu.mixed_precision_policy, cpu.jit_compile, cpu.steps_per_execution) == ("float32", False, 1)
-    forced = train.resolve_device_settings(TrainParams(mixed_precision="on", jit_compile="on", steps_per_execution=4), num_gpus=0)
+    forced = training.resolve_device_settings(
+        TrainParams(mixed_precision="on", jit_compile="on", steps_per_execution=4), num_gpus=0
+    )
     assert (forced.mixed_precision_policy, forced.jit_compile, forced.steps_per_execution) == ("mixed_bfloat16", True, 4)
-    bf16_cpu = train.resolve_device_settings(TrainParams(), num_gpus=0, cpu_has_bfloat16=True)
+    bf16_cpu = training.resolve_device_settings(TrainParams(), num_gpus=0, cpu_has_bfloat16=True)
     assert (bf16_cpu.mixed_precision_policy, bf16_cpu.jit_compile, bf16_cpu.steps_per_execution) == ("mixed_bfloat16", False, 1)
-    switched_off = train.resolve_device_settings(TrainParams(mixed_precision="off"), num_gpus=0, cpu_has_bfloat16=True)
+    switched_off = training.resolve_device_settings(TrainParams(mixed_precision="off"), num_gpus=0, cpu_has_bfloat16=True)
     assert switched_off.mixed_precision_policy == "float32"
 
 
@@ -236,9 +247,9 @@ ONE_STEP_SCRIPT = (
     + """
 import json
 import keras, numpy as np
-from stages import train
-from stages.network import InputSpec, build_resnet
-from stages.params import TrainParams
+from cifar100_dvc import training
+from cifar100_dvc.network import InputSpec, build_resnet
+from cifar100_dvc.params import TrainParams
 
 spec = InputSpec((32, 32, 3), tuple("abcdefghij"), (120.0,) * 3, (60.0,) * 3)
 rng = np.random.default_rng(0)
@@ -253,7 +264,7 @@ for name, strategy in strategies.items():
         for layer in model.layers:  # BatchNorm over the global batch: the one thing replicas may differ in
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.synchronized = True
-        train.compile_model(model, params, steps_per_epoch=10, jit_compile=False, steps_per_execution=1)
+        training.compile_model(model, params, steps_per_epoch=10, jit_compile=False, steps_per_execution=1)
     model.fit(batch, epochs=1, verbose=0)
     weights[name] = [np.asarray(w) for w in model.weights]
 moved = [float(np.abs(a - b).max()) for a, b in zip(weights["one device"], weights["mirrored"])]
@@ -267,7 +278,7 @@ def run_on_two_cpus(script: str, *args: str):
     import subprocess
     import sys
 
-    from stages.paths import REPO_ROOT
+    from cifar100_dvc.paths import REPO_ROOT
 
     result = subprocess.run(
         [sys.executable, "-c", script, *args],
@@ -295,8 +306,8 @@ MIRRORED_TRAINING_SCRIPT = (
 import dataclasses, json, logging, sys
 from pathlib import Path
 from stages import train
-from stages.paths import ProjectPaths
-from stages.params import TrainParams
+from cifar100_dvc.paths import ProjectPaths
+from cifar100_dvc.params import TrainParams
 logging.basicConfig(level=logging.INFO)
 params = TrainParams(**json.loads(sys.argv[2]))
 summary = train.run(dataclasses.replace(params, distribute="mirrored"), ProjectPaths(Path(sys.argv[1])))
@@ -307,7 +318,7 @@ print("SUMMARY" + json.dumps(summary["epochs"]))
 
 @pytest.mark.slow
 def test_mirrored_training_over_two_logical_cpus_learns(prepared, tiny_train):
-    from stages.params import to_dict
+    from cifar100_dvc.params import to_dict
 
     paths = prepared
     recipe = dataclasses.replace(tiny_train, epochs=6, warmup_epochs=1.0)

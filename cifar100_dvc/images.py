@@ -1,4 +1,5 @@
-"""Pure image normalization shared by ``prepare`` and ``predict``: any PIL image -> 32x32 RGB uint8."""
+"""Images: pure normalization shared by ``prepare`` and ``predict`` (any PIL image -> 32x32 RGB uint8),
+and which column of a dataset holds them (``prepare`` and the benchmark)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from cifar100_dvc.common import StageError
 
 IMAGE_SIZE = 32  # CIFAR's side, in pixels
 IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
@@ -79,3 +82,13 @@ def decode_image(data: bytes) -> Image.Image:
 
 def _too_large(size: str) -> str:
     return f"too large to decode: {size}, more than the {MAX_IMAGE_PIXELS:,} pixels (5000x5000) accepted"
+
+
+def find_image_column(features) -> str:
+    """The name of the image column among a ``datasets`` dataset's ``features``; StageError if there is none."""
+    from datasets import Image as ImageFeature  # not PIL's Image
+
+    for name, feature in features.items():
+        if isinstance(feature, ImageFeature):
+            return name
+    raise StageError(f"data/raw has no image column (columns: {list(features)}): run fetch again")

@@ -1,4 +1,4 @@
-"""Classify image files with the trained model: ``python -m stages.predict IMAGE_OR_DIR ...``.
+"""Classify image files with the trained model: ``python -m tools.predict IMAGE_OR_DIR ...``.
 
 Each file (PNG, JPEG, ...; any mode or size) is converted to 32x32 RGB exactly as ``prepare``
 converts the dataset, then the model's top-k classes are printed with their probabilities.
@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import StageError, one_line, setup_logging
-from stages.images import decode_image, to_rgb_uint8
-from stages.paths import ProjectPaths
+from cifar100_dvc.common import StageError, one_line, setup_logging
+from cifar100_dvc.images import decode_image, to_rgb_uint8
+from cifar100_dvc.inference import load_model, predict_probabilities
+from cifar100_dvc.paths import ProjectPaths
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -58,8 +59,7 @@ def top_k_classes(probabilities: np.ndarray, class_names: list[str], k: int) -> 
 
 def predict_files(model, files: list[Path], k: int = 5, tta_flip: bool = False) -> list[Prediction]:
     """A Prediction for each file, in order: its top-k classes, or its error."""
-    from stages.evaluate import predict_probabilities
-    from stages.network import class_names_of
+    from cifar100_dvc.network import class_names_of
 
     loaded = [load_image(path) for path in files]
     readable = [pixels for pixels in loaded if not isinstance(pixels, str)]
@@ -78,7 +78,7 @@ def format_text(prediction: Prediction) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.predict", description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", type=Path, help="image files or directories of images")
     parser.add_argument("--model", type=Path, default=ProjectPaths().model_file, help="a .keras model (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=5, help="classes to show per image (default: %(default)s)")
@@ -88,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
     setup_logging()
-    from stages.evaluate import load_model
-
     try:
         model = load_model(args.model)
     except StageError as error:

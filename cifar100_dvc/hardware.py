@@ -2,7 +2,7 @@
 
 TensorFlow's x86 wheels turn oneDNN's kernels on by themselves only on CPUs with AVX512_VNNI,
 AVX512_BF16 or AMX; everywhere else (an AVX2-only laptop, say) they run Eigen's, which train the
-default network about half as fast in float32. ``stages/__init__.py`` therefore sets
+default network about half as fast in float32. ``cifar100_dvc/__init__.py`` therefore sets
 ``TF_ENABLE_ONEDNN_OPTS=1`` before TensorFlow is imported, unless the user set it.
 
 ``CIFAR100_DVC_CPU_FLAGS`` replaces the flags read from ``/proc/cpuinfo`` (a space- or

@@ -1,6 +1,6 @@
 """Small synthetic datasets in the Hugging Face hub layout (parquet + README.md dataset card).
 
-For tests, benchmarks and smoke runs without network: ``python -m stages.synthetic OUT_DIR``
+For tests, benchmarks and smoke runs without network: ``python -m tools.synthetic OUT_DIR``
 writes one that ``fetch.dataset`` can point at.
 
 Image colors encode the labels, so the classes are learnable: fine label f = 5 * coarse + k;
@@ -126,21 +126,3 @@ def write_hub_dataset(
         pq.write_table(pa.table(columns), directory / "data" / f"{split}-00000-of-00001.parquet")
     (directory / "README.md").write_text(card(list(splits), label_columns, plain_int_columns, class_names))
     return directory
-
-
-def main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m stages.synthetic", description="write a synthetic CIFAR-100-like dataset")
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--train", type=int, default=5000, help="train rows (default: %(default)s)")
-    parser.add_argument("--test", type=int, default=1000, help="test rows (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    splits = {"train": make_rows(args.train, args.seed, odd_every=50), "test": make_rows(args.test, args.seed + 1, odd_every=50)}
-    write_hub_dataset(args.out_dir, splits)
-    print(f"wrote {args.out_dir}: {args.train} train / {args.test} test rows")
-
-
-if __name__ == "__main__":
-    main()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from stages.common import StageError
+from cifar100_dvc.common import StageError
 
 SPLITS = ("train", "val", "test")
 _READ_BUFFER_BYTES = 4 << 20

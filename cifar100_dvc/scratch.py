@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from stages.params import TrainParams, to_dict
-from stages.paths import REPO_ROOT
+from cifar100_dvc.params import TrainParams, to_dict
+from cifar100_dvc.paths import REPO_ROOT
 
 # The one tiny recipe: a network and schedule that learn the tests' synthetic data in seconds; the
 # benchmark's no-op `dvc repro` trains it too. A test that needs a longer or different run says so
@@ -25,17 +25,18 @@ from stages.paths import REPO_ROOT
 TINY_TRAIN = TrainParams(
     widths=(8, 8, 16, 16), epochs=2, batch_size=32, learning_rate=0.1, warmup_epochs=0.5, shuffle_buffer=1000
 )
-# The same recipe as params.yaml overrides (for stage and dvc runs), with small prepare/evaluate settings.
+# The same recipe as params.yaml overrides (for stage and dvc runs), with small prepare/evaluate/export settings.
 TINY_PARAMS = {
     "prepare.label": "coarse_label",
     "prepare.examples_per_shard": 128,
     **{f"train.{key}": value for key, value in to_dict(TINY_TRAIN).items()},
     "evaluate.batch_size": 100,
     "evaluate.sample_images": 9,
+    "export.tflite": False,  # the TFLite conversion takes seconds; tests/test_predict_export.py runs it once
 }
 
-# What a copy needs to run the pipeline: the code, the pipeline, its params and ignore rules.
-PROJECT_FILES = ("stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore")
+# What a copy needs to run the pipeline and the tools: the code, the pipeline, its params and ignore rules.
+PROJECT_FILES = ("stages", "cifar100_dvc", "tools", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore")
 
 # Stage and dvc subprocesses: quiet TensorFlow, never reach for the hub, no telemetry, a git
 # identity for commits, and output that is not held back in buffers.
@@ -52,11 +53,12 @@ QUIET_OFFLINE_ENV = {
 }
 
 
-def environment() -> dict[str, str]:
-    """This process's environment, quiet and offline, with this interpreter first on PATH (dvc
-    runs ``python -m stages.X`` through the shell and must find the same Python)."""
+def environment(offline: bool = True) -> dict[str, str]:
+    """This process's environment, quiet and (unless ``offline`` is False) offline, with this
+    interpreter first on PATH (dvc runs ``python -m stages.X`` through the shell and must find the same Python)."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, **QUIET_OFFLINE_ENV, "PATH": path}
+    settings = {key: value for key, value in QUIET_OFFLINE_ENV.items() if offline or not key.startswith("HF_")}
+    return {**os.environ, **settings, "PATH": path}
 
 
 def set_params(root: Path, **overrides: Any) -> None:
@@ -109,8 +111,13 @@ def init_repo(root: Path) -> Path:
     return root
 
 
-def run_stage(root: Path, stage: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_stage(root: Path, stage: str, timeout: float = 600, offline: bool = True) -> subprocess.CompletedProcess:
     """``python -m stages.<stage>`` in ``root``, as DVC runs it (the result is not checked)."""
     return subprocess.run(
-        [sys.executable, "-m", f"stages.{stage}"], cwd=root, capture_output=True, text=True, timeout=timeout, env=environment()
+        [sys.executable, "-m", f"stages.{stage}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment(offline),
     )

@@ -82,10 +82,12 @@ STAGE_OUTPUTS = {
     "prepare": ("prepared_dir",),
     "train": ("model_file", "history_file", "checkpoint_dir", "live_metrics_file", "live_plots_dir"),
     "evaluate": ("plots_dir", "metrics_file", "class_accuracy_file"),
+    "export": ("export_dir",),
 }
 STAGE_INPUTS = {
     "fetch": (),
     "prepare": ("raw_dir",),
     "train": ("prepared_dir",),
     "evaluate": ("model_file", "history_file", "prepared_dir"),
+    "export": ("model_file",),
 }

@@ -20,7 +20,7 @@ import yaml
 from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.constructor import DuplicateKeyError
 
-from stages.common import StageError, one_line
+from cifar100_dvc.common import StageError, one_line
 
 
 def _param(default: Any, doc: str, **bounds: float) -> Any:

@@ -1,0 +1,492 @@
+"""Measure the pipeline against the notebook; the input and training ratios in one process, so they are fair.
+
+    python -m tools.benchmark --dataset ../shared/datasets/cifar10-dev --label label
+    python -m tools.benchmark --dataset synthetic            # no download, no ../shared
+
+Writes benchmarks/results.json and benchmarks/results.md, measured in this order:
+1. ``prepare`` throughput on the dataset (images/s), the stage run as DVC runs it
+   (``python -m stages.prepare`` in a scratch copy of the project, process start-up included);
+2. input throughput (images/s): the notebook's pipeline (``from_generator`` over the
+   ``datasets`` object, ``map``, batch 32) against the project's TFRecord reader, without and
+   with augmentation;
+3. training throughput (images/s) of ``baseline`` at the notebook's settings and at the
+   project's, and of the default arch, each end to end and compute-only (one batch held in
+   memory), giving the share of time lost to input; then where the baseline's speed-up comes
+   from, one change at a time (compute only);
+4. wall time of a no-op ``dvc repro``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import gc
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cifar100_dvc import hardware, scratch
+from cifar100_dvc.common import StageError, one_line, run_main
+from cifar100_dvc.params import TrainParams, load_params
+from cifar100_dvc.paths import REPO_ROOT, ProjectPaths
+
+if TYPE_CHECKING:  # TensorFlow-backed modules, imported where used: `--help` and argument errors stay fast
+    from cifar100_dvc.records import DatasetInfo
+    from cifar100_dvc.training import DeviceSettings
+
+log = logging.getLogger(__name__)
+
+
+def timed_images(batches, num_images: int) -> float:
+    """Images/s of pulling at least ``num_images`` images out of an iterable of (images, labels)."""
+    seen, started = 0, time.perf_counter()
+    for images, _ in batches:
+        seen += int(images.shape[0])
+        if seen >= num_images:
+            break
+    return seen / (time.perf_counter() - started)
+
+
+def notebook_input(hf_split, image_column: str, label_column: str, batch_size: int = 32, scale: bool = True):
+    """The notebook's input pipeline: a Python generator over the ``datasets`` rows, map, batch."""
+    import tensorflow as tf
+
+    def rows():
+        for example in hf_split:
+            image = example[image_column].convert("RGB")
+            if image.size != (32, 32):  # CIFAR never needs this; other datasets prepare accepts may
+                image = image.resize((32, 32))
+            yield np.asarray(image), example[label_column]
+
+    dataset = tf.data.Dataset.from_generator(
+        rows, output_signature=(tf.TensorSpec((32, 32, 3), tf.uint8), tf.TensorSpec((), tf.int64))
+    )
+    if scale:  # the notebook scaled to [0, 1] in its map
+        return dataset.map(lambda image, label: (tf.cast(image, tf.float32) / 255.0, label)).batch(batch_size)
+    return dataset.map(lambda image, label: (image, label)).batch(batch_size)
+
+
+def timed_fit(model, batches, num_steps: int, batch_size: int, skip_steps: int = 3) -> float:
+    """Steady-state images/s of one ``model.fit`` over ``num_steps`` batches (the step is already traced).
+
+    The clock starts at batch ``skip_steps``: a new iterator first fills the reader's shuffle
+    buffer (a fraction of a second for 50,000 records), which a training run pays once, not
+    once per few thousand images as a short timed run would.
+    """
+    import keras
+
+    class SteadyStateClock(keras.callbacks.Callback):
+        started = ended = None
+        first = last = 0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if self.started is None and batch >= skip_steps:
+                self.started, self.first = time.perf_counter(), batch
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.ended, self.last = time.perf_counter(), batch
+
+    clock = SteadyStateClock()
+    model.fit(batches, steps_per_epoch=num_steps, epochs=1, verbose=0, shuffle=False, callbacks=[clock])
+    return (clock.last + 1 - clock.first) * batch_size / (clock.ended - clock.started)
+
+
+def in_memory(batch):
+    """Compute only: one batch, held in memory and repeated."""
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensors(batch).repeat()
+
+
+def measure_training(name, model_factory, real_batches, images_per_run: int, repeats: int) -> dict:
+    """End-to-end and compute-only images/s, timed alternately ``repeats`` times; the best of each.
+
+    Alternating and keeping the best run makes the ratio robust to the noise of a shared machine.
+    The models and iterators are dropped and collected before returning, so nothing of this row
+    (a prefetching iterator, say) still runs while the next row is timed.
+    """
+    compute_batch = next(iter(real_batches))
+    batch_size = int(compute_batch[0].shape[0])
+    steps = max(10, images_per_run // batch_size)
+    sources = {"end_to_end": real_batches, "compute_only": in_memory(compute_batch)}
+    models = {kind: model_factory() for kind in sources}
+    for kind, batches in sources.items():  # trace the train step and fill caches
+        models[kind].fit(batches, steps_per_epoch=5, epochs=1, verbose=0, shuffle=False)
+    best = {kind: 0.0 for kind in sources}
+    for _ in range(repeats):
+        for kind, batches in sources.items():
+            best[kind] = max(best[kind], timed_fit(models[kind], batches, steps, batch_size))
+    del models, sources, compute_batch
+    settle()
+    row = {
+        "name": name,
+        "batch_size": batch_size,
+        "images_per_s": round(best["end_to_end"], 1),
+        "compute_only_images_per_s": round(best["compute_only"], 1),
+        "end_to_end_fraction_of_compute": round(best["end_to_end"] / best["compute_only"], 3),
+    }
+    log.info("train %s", row)
+    return row
+
+
+def measure_compute_only(name, model_factory, batch, images_per_run: int, repeats: int) -> dict:
+    """Compute-only images/s of a model on one in-memory batch, the best of ``repeats`` runs."""
+    batch_size = int(batch[0].shape[0])
+    steps = max(10, images_per_run // batch_size)
+    model, batches = model_factory(), in_memory(batch)
+    model.fit(batches, steps_per_epoch=5, epochs=1, verbose=0, shuffle=False)
+    best = max(timed_fit(model, batches, steps, batch_size) for _ in range(repeats))
+    del model, batches
+    settle()
+    row = {"name": name, "batch_size": batch_size, "compute_only_images_per_s": round(best, 1)}
+    log.info("compute %s", row)
+    return row
+
+
+def settle() -> None:
+    """Free what the previous measurement left: Python objects, Keras' graph state."""
+    import keras
+
+    gc.collect()
+    keras.backend.clear_session()
+    gc.collect()
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the measurements read: the prepared scratch project, the raw train split (for the
+    notebook's pipeline) and the train settings and device settings measured."""
+
+    paths: ProjectPaths
+    info: DatasetInfo
+    raw_train: Any  # datasets.Dataset
+    image_column: str
+    label: str
+    train_params: TrainParams
+    device: DeviceSettings
+
+    @property
+    def num_train(self) -> int:
+        return self.info.splits["train"].num_examples
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """One measured model: its network, train settings and dtype policy; with ``stock_batch_norm``,
+    the notebook's graph (Keras' BatchNormalization, one step per call, no XLA)."""
+
+    arch: str
+    settings: TrainParams
+    policy: str
+    stock_batch_norm: bool = False
+
+
+def notebook_settings(train_params: TrainParams) -> TrainParams:
+    """The notebook's recipe: baseline, Adam at 1e-3, batch 32, constant rate, no decay, smoothing or augmentation."""
+    return dataclasses.replace(
+        train_params,
+        arch="baseline",
+        optimizer="adam",
+        learning_rate=1e-3,
+        batch_size=32,
+        schedule="constant",
+        warmup_epochs=0.0,
+        weight_decay=0.0,
+        label_smoothing=0.0,
+        augment=False,
+    )
+
+
+def resolve_dataset(dataset: str, label: str | None, work: Path) -> tuple[str, str | None]:
+    """(dataset to fetch, label column): ``synthetic`` is written under ``work`` (label fine_label unless
+    given); a local path is made absolute, since the stages run in a scratch copy of the project."""
+    if dataset == "synthetic":
+        from cifar100_dvc.synthetic import make_rows, write_hub_dataset
+
+        splits = {"train": make_rows(6000, 0), "test": make_rows(1000, 1)}
+        return str(write_hub_dataset(work / "synthetic", splits)), label or "fine_label"
+    return (str(Path(dataset).resolve()) if Path(dataset).exists() else dataset), label
+
+
+def prepare_dataset(dataset: str, label: str, root: Path) -> tuple[ProjectPaths, DatasetInfo, dict]:
+    """Fetch and prepare ``dataset`` in a scratch copy of the project at ``root``, as DVC runs the stages:
+    (its paths, the prepared data's info, prepare's throughput row)."""
+    from cifar100_dvc.records import DatasetInfo
+
+    paths = ProjectPaths(scratch.make_project(root, dataset, **{"prepare.label": label}))
+    run_stage(paths.root, "fetch")
+    seconds = run_stage(paths.root, "prepare")
+    info = DatasetInfo.read(paths.prepared_dir)
+    total = sum(split.num_examples for split in info.splits.values())
+    row = {"images": total, "seconds": round(seconds, 2), "images_per_s": round(total / seconds, 1)}
+    log.info("prepare %s", row)
+    return paths, info, row
+
+
+def load_workload(paths: ProjectPaths, info: DatasetInfo, label: str, train_params: TrainParams) -> Workload:
+    """The prepared project with its raw train split and the device settings `auto` picks here."""
+    import datasets
+
+    from cifar100_dvc import training
+    from cifar100_dvc.images import find_image_column
+
+    raw_train = datasets.load_from_disk(str(paths.raw_dir))["train"]
+    device = training.device_settings_here(train_params)
+    return Workload(paths, info, raw_train, find_image_column(raw_train.features), label, train_params, device)
+
+
+def train_reader(work: Workload, batch_size: int, augment: bool):
+    """The project's reader over the train split: shuffled (seed 0), repeated, whole batches, optionally augmented."""
+    from cifar100_dvc import training
+    from cifar100_dvc.records import read_split
+
+    return read_split(
+        work.paths.prepared_dir,
+        "train",
+        batch_size,
+        shuffle_seed=0,
+        shuffle_buffer=work.train_params.shuffle_buffer,
+        repeat=True,
+        drop_remainder=True,
+        batch_transform=training.augmenter(work.train_params) if augment else None,
+    )
+
+
+def make_model(work: Workload, recipe: ModelRecipe):
+    """A fresh compiled model of ``recipe``, built and compiled under its dtype policy (restored afterwards)."""
+    import keras
+
+    from cifar100_dvc import training
+    from cifar100_dvc.network import build_baseline, build_network
+
+    spec = training.input_spec(work.info)
+    steps_per_epoch = work.num_train // work.train_params.batch_size
+    with training.dtype_policy(recipe.policy):
+        if recipe.stock_batch_norm:
+            model = build_baseline(spec, batch_norm=keras.layers.BatchNormalization)
+            jit_compile, steps_per_execution = False, 1
+        else:
+            model = build_network(recipe.arch, spec, recipe.settings.widths)
+            jit_compile, steps_per_execution = work.device.jit_compile, work.device.steps_per_execution
+        training.compile_model(model, recipe.settings, steps_per_epoch, jit_compile, steps_per_execution)
+    return model
+
+
+def measure_inputs(work: Workload, input_images: int) -> dict:
+    """Images/s of the notebook's input pipeline and of the project's reader, without and with augmentation."""
+    batch = work.train_params.batch_size
+    warm = train_reader(work, batch, augment=False)
+    timed_images(warm, work.num_train)  # first pass fills the in-memory cache
+    notebook_rate = timed_images(notebook_input(work.raw_train, work.image_column, work.label), input_images)
+    rates = {
+        "notebook_images_per_s": round(notebook_rate, 1),
+        "reader_images_per_s": round(timed_images(warm, 4 * work.num_train), 1),
+        "reader_augment_images_per_s": round(timed_images(train_reader(work, batch, augment=True), 4 * work.num_train), 1),
+    }
+    rates["speedup"] = round(rates["reader_images_per_s"] / notebook_rate, 1)
+    rates["speedup_with_augment"] = round(rates["reader_augment_images_per_s"] / notebook_rate, 1)
+    log.info("input %s", rates)
+    return rates
+
+
+def compute_settings(work: Workload, machine_report: dict) -> dict:
+    """What the project's rows run with (the notebook's rows: float32, Keras BatchNorm)."""
+    return {
+        "onednn": machine_report["onednn"],
+        "policy": work.device.mixed_precision_policy,
+        "bfloat16": work.device.mixed_precision_policy == "mixed_bfloat16",
+        "fused_batch_norm": True,
+        "xla": work.device.jit_compile,
+    }
+
+
+def measure_training_rows(work: Workload, images_per_run: int, repeats: int) -> list[dict]:
+    """End-to-end and compute-only rows: baseline at the notebook's settings (its generator input) and
+    at the project's (the reader), and the default recipe."""
+    params, policy, batch = work.train_params, work.device.mixed_precision_policy, work.train_params.batch_size
+    project_baseline = dataclasses.replace(params, arch="baseline")
+    notebook_batches = notebook_input(work.raw_train, work.image_column, work.label, batch_size=32, scale=False).repeat()
+    # Each reader is made when its row is measured, after the previous row's models and iterators are freed.
+    return [
+        measure_training(
+            "baseline, notebook settings (generator input, batch 32, Adam, float32, Keras BatchNorm)",
+            functools.partial(
+                make_model, work, ModelRecipe("baseline", notebook_settings(params), "float32", stock_batch_norm=True)
+            ),
+            notebook_batches,
+            images_per_run,
+            repeats,
+        ),
+        measure_training(
+            f"baseline, project settings (reader, batch {batch}, augment, {policy}, fused BatchNorm)",
+            functools.partial(make_model, work, ModelRecipe("baseline", project_baseline, policy)),
+            train_reader(work, batch, augment=True),
+            images_per_run,
+            repeats,
+        ),
+        measure_training(
+            f"default ({params.arch} {list(params.widths)}, batch {batch}, augment, {policy})",
+            functools.partial(make_model, work, ModelRecipe(params.arch, params, policy)),
+            train_reader(work, batch, augment=True),
+            images_per_run,
+            repeats,
+        ),
+    ]
+
+
+def baseline_breakdown(work: Workload, train_rows: list[dict], images_per_run: int, repeats: int) -> list[dict]:
+    """Where the baseline's speed-up comes from: one change at a time from the notebook's settings, compute only
+    (the first and last steps are the notebook and project rows of ``train_rows``)."""
+    params, policy, batch = work.train_params, work.device.mixed_precision_policy, work.train_params.batch_size
+    project_baseline = dataclasses.replace(params, arch="baseline")
+    project_batch = next(iter(train_reader(work, batch, augment=True)))
+    notebook_row, project_row = train_rows[0], train_rows[1]
+    return [
+        {**notebook_row, "name": "notebook settings (batch 32, float32, Keras BatchNorm)"},
+        measure_compute_only(
+            f"+ project optimizer and batch {batch}",
+            functools.partial(make_model, work, ModelRecipe("baseline", project_baseline, "float32", stock_batch_norm=True)),
+            project_batch,
+            images_per_run,
+            repeats,
+        ),
+        measure_compute_only(
+            "+ fused BatchNorm",
+            functools.partial(make_model, work, ModelRecipe("baseline", project_baseline, "float32")),
+            project_batch,
+            images_per_run,
+            repeats,
+        ),
+        {**project_row, "name": f"+ {policy} compute (the project settings)"},
+    ]
+
+
+def run_benchmark(dataset: str, label: str | None, out_dir: Path, images_per_run: int, input_images: int, repeats: int) -> dict:
+    """Every measurement, in the order of the module's list; written to ``out_dir`` (results.json, results.md)."""
+    params = load_params(REPO_ROOT / "params.yaml")
+    scratch_dir = Path(tempfile.mkdtemp(prefix="cifar100-dvc-benchmark-"))
+    try:
+        dataset, label = resolve_dataset(dataset, label, scratch_dir)
+        paths, info, prepare_row = prepare_dataset(dataset, label, scratch_dir / "project")
+        machine_report = dataclasses.asdict(hardware.machine_report())
+        results = {"machine": machine_description(), "machine_report": machine_report, "dataset": dataset, "prepare": prepare_row}
+        work = load_workload(paths, info, label, params.train)
+        results["input"] = measure_inputs(work, input_images)
+        results["compute"] = compute_settings(work, machine_report)
+        results["train"] = measure_training_rows(work, images_per_run, repeats)
+        notebook_row, project_row = results["train"][0], results["train"][1]
+        results["baseline_speedup"] = round(project_row["images_per_s"] / notebook_row["images_per_s"], 2)
+        results["baseline_steps"] = baseline_breakdown(work, results["train"], images_per_run, repeats)
+        results["noop_dvc_repro_seconds"] = noop_repro_seconds(dataset, label, scratch_dir / "repo")
+        log.info("no-op dvc repro: %.2f s", results["noop_dvc_repro_seconds"])
+    finally:
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "results.md").write_text(to_markdown(results))
+    return results
+
+
+def run_stage(root: Path, stage: str) -> float:
+    """Run ``python -m stages.<stage>`` in the project copy ``root``, as DVC runs it; its wall time in
+    seconds, start-up included. A failed stage raises StageError with its error line."""
+    started = time.perf_counter()
+    result = scratch.run_stage(root, stage, timeout=3600, offline=False)  # fetch may download from the hub
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        raise StageError(errors[-1] if errors else f"{stage} failed ({result.returncode}): {one_line(result.stderr[-1000:])}")
+    return seconds
+
+
+def noop_repro_seconds(dataset: str, label: str, repo: Path) -> float:
+    """Seconds of ``dvc repro`` when nothing changed, in a scratch copy of the project (the tiny
+    training recipe for one epoch, no TFLite: what is timed is DVC deciding that nothing needs to run)."""
+    dataset = str(Path(dataset).resolve()) if Path(dataset).exists() else dataset
+    tiny = {key: value for key, value in scratch.TINY_PARAMS.items() if key.startswith(("train.", "export."))}
+    scratch.init_repo(scratch.make_project(repo, dataset, **{**tiny, "train.epochs": 1, "prepare.label": label}))
+    scratch.dvc(repo, "repro", "-q")
+    started = time.perf_counter()
+    scratch.dvc(repo, "repro", "-q")
+    return round(time.perf_counter() - started, 2)
+
+
+def machine_description() -> str:
+    """The CPU, its training-relevant flags, oneDNN, GPUs and TensorFlow's version, on one line."""
+    import tensorflow as tf
+
+    return f"{hardware.machine_report().describe()}; TensorFlow {tf.__version__}"
+
+
+def to_markdown(results: dict) -> str:
+    compute = results["compute"]
+    lines = [
+        f"Machine: {results['machine']}  ",
+        f"Project rows: {'bfloat16' if compute['bfloat16'] else 'float32'} compute (policy {compute['policy']}), "
+        f"oneDNN {'on' if compute['onednn'] else 'off'}, fused BatchNorm {'on' if compute['fused_batch_norm'] else 'off'}, "
+        f"XLA {'on' if compute['xla'] else 'off'}; notebook rows: float32, Keras BatchNorm  ",
+        f"Dataset: `{results['dataset']}`",
+        "",
+        "| measurement | images/s | compute-only images/s | end to end / compute-only |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    source = results["input"]
+    lines += [
+        f"| input: notebook pipeline (from_generator, map, batch 32) | {source['notebook_images_per_s']:,.0f} | | |",
+        f"| input: project reader | {source['reader_images_per_s']:,.0f} ({source['speedup']}x) | | |",
+        f"| input: project reader + augmentation | {source['reader_augment_images_per_s']:,.0f} "
+        f"({source['speedup_with_augment']}x) | | |",
+    ]
+    for row in results["train"]:
+        lines.append(
+            f"| train: {row['name']} | {row['images_per_s']:,.0f} | {row['compute_only_images_per_s']:,.0f} "
+            f"| {row['end_to_end_fraction_of_compute']:.1%} |"
+        )
+    lines += [
+        f"| prepare ({results['prepare']['images']:,} images, {results['prepare']['seconds']} s; "
+        "the `python -m stages.prepare` process, start-up included) "
+        f"| {results['prepare']['images_per_s']:,.0f} | | |",
+        "",
+        f"Baseline speed-up, project settings over notebook settings: {results['baseline_speedup']}x  ",
+        f"No-op `dvc repro`: {results['noop_dvc_repro_seconds']} s",
+        "",
+        "Where the baseline's speed-up comes from, one change at a time (compute only):",
+        "",
+        "| baseline | compute-only images/s | over the notebook's settings |",
+        "| --- | ---: | ---: |",
+    ]
+    reference = results["baseline_steps"][0]["compute_only_images_per_s"]
+    for step in results["baseline_steps"]:
+        rate = step["compute_only_images_per_s"]
+        lines.append(f"| {step['name']} | {rate:,.0f} | {rate / reference:.2f}x |")
+    return "\n".join([*lines, ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tools.benchmark", description="measure the pipeline against the notebook")
+    parser.add_argument("--dataset", default="synthetic", help="hub id, local hub-layout directory, or 'synthetic'")
+    parser.add_argument("--label", default="", help="class-label column (default: prepare.label, or fine_label for synthetic)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks", help="where results.json/.md go")
+    parser.add_argument("--train-images", type=int, default=6000, help="images per timed training run")
+    parser.add_argument("--input-images", type=int, default=5000, help="images pulled from the notebook pipeline")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per training measurement; the best counts")
+    args = parser.parse_args()
+
+    def body() -> None:
+        label = args.label or (None if args.dataset == "synthetic" else load_params(REPO_ROOT / "params.yaml").prepare.label)
+        results = run_benchmark(args.dataset, label, args.out, args.train_images, args.input_images, args.repeats)
+        print(to_markdown(results))
+
+    run_main("benchmark", body)
+
+
+if __name__ == "__main__":
+    main()
