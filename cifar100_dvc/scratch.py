@@ -111,13 +111,18 @@ def init_repo(root: Path) -> Path:
     return root
 
 
-def run_stage(root: Path, stage: str, timeout: float = 600, offline: bool = True) -> subprocess.CompletedProcess:
-    """``python -m stages.<stage>`` in ``root``, as DVC runs it (the result is not checked)."""
+def run_module(module: str, *args: str, cwd: Path | None = None, timeout: float = 600, offline: bool = True):
+    """``python -m MODULE ARGS`` with ``environment()``, output captured (the result is not checked)."""
     return subprocess.run(
-        [sys.executable, "-m", f"stages.{stage}"],
-        cwd=root,
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
         env=environment(offline),
     )
+
+
+def run_stage(root: Path, stage: str, timeout: float = 600, offline: bool = True) -> subprocess.CompletedProcess:
+    """``python -m stages.<stage>`` in ``root``, as DVC runs it (the result is not checked)."""
+    return run_module(f"stages.{stage}", cwd=root, timeout=timeout, offline=offline)

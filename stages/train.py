@@ -144,7 +144,8 @@ def run(params: TrainParams, paths: ProjectPaths) -> dict:
     info = DatasetInfo.read(paths.prepared_dir)
     steps_per_epoch = _steps_per_epoch(params, info, paths)
     settings = device_settings_here(params)
-    log.info("machine: %s", hardware.machine_report().describe())
+    machine = hardware.machine_report()
+    log.info("machine: %s", machine.describe())
     log.info(
         "device settings: %d GPU(s); policy %s; XLA %s; %d step(s) per execution",
         settings.num_gpus,
@@ -162,7 +163,7 @@ def run(params: TrainParams, paths: ProjectPaths) -> dict:
         seconds_before = history[-1]["seconds"] if history else 0.0  # a resumed run's budget counts earlier epochs
         clock = TrainingClock(time.perf_counter() - seconds_before, params.time_budget_minutes, budget_spent)
         _fit(model, params, info, paths, steps_per_epoch, history, clock, run_fingerprint)
-        summary = _summary(params, model, settings, steps_per_epoch, history, clock)
+        summary = _summary(params, model, settings, machine, steps_per_epoch, history, clock)
         inference_model = _without_optimizer(model, strategy)
     with atomic_output(paths.model_file) as staged:
         inference_model.save(staged)
@@ -240,23 +241,27 @@ def _fit(model, params, info, paths, steps_per_epoch, history, clock, run_finger
             shuffle=False,  # the reader already shuffles, seeded
         )
     # What was actually done, beside the last epoch's metrics (`dvc exp show`, `dvc metrics diff`).
-    epochs_done = sum(row.get("epoch_fraction", 1.0) for row in history)
-    live.summary["epochs_done"] = round(epochs_done, 4)
-    live.summary["images_seen"] = int(round(epochs_done * steps_per_epoch * params.batch_size))
+    live.summary["epochs_done"], live.summary["images_seen"] = _work_done(history, steps_per_epoch * params.batch_size)
     live.summary["stopped_by_time_budget"] = int(clock.exhausted)
     live.make_summary()
     live.end()
 
 
-def _summary(params, model, settings, steps_per_epoch, history, clock) -> dict:
-    """What models/history.json records: the run's outcome and every epoch's row."""
+def _work_done(history: list[dict], images_per_epoch: int) -> tuple[float, int]:
+    """(epochs done, counting a cut-short epoch by the share of its steps that ran; images seen)."""
     epochs_done = sum(row.get("epoch_fraction", 1.0) for row in history)
+    return round(epochs_done, 4), int(round(epochs_done * images_per_epoch))
+
+
+def _summary(params, model, settings, machine, steps_per_epoch, history, clock) -> dict:
+    """What models/history.json records: the run's outcome and every epoch's row."""
+    epochs_done, images_seen = _work_done(history, steps_per_epoch * params.batch_size)
     return {
         "arch": params.arch,
         "epochs_planned": params.epochs,
         "epochs_completed": sum(1 for row in history if row.get("epoch_fraction", 1.0) >= 1.0),
-        "epochs_done": round(epochs_done, 4),
-        "images_seen": int(round(epochs_done * steps_per_epoch * params.batch_size)),
+        "epochs_done": epochs_done,
+        "images_seen": images_seen,
         "stop_reason": "time_budget" if clock.exhausted else "epochs",
         "stopped_by_time_budget": clock.exhausted,
         "time_budget_minutes": params.time_budget_minutes,
@@ -264,7 +269,7 @@ def _summary(params, model, settings, steps_per_epoch, history, clock) -> dict:
         "final_learning_rate": float(model.optimizer.learning_rate),
         "trainable_parameters": int(sum(math.prod(w.shape) for w in model.trainable_weights)),
         "device": settings.__dict__,
-        "machine": hardware.machine_report().__dict__,
+        "machine": machine.__dict__,
         "epochs": history,
     }
 

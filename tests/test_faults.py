@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from cifar100_dvc.paths import ProjectPaths
-from cifar100_dvc.scratch import TINY_PARAMS, environment, make_project
+from cifar100_dvc.scratch import TINY_PARAMS, environment, make_project, run_module
 from cifar100_dvc.synthetic import COARSE_NAMES, make_image
 
 
@@ -28,13 +28,7 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 
 
 def run_predict(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tools.predict", *args],
-        capture_output=True,
-        text=True,
-        env=environment(),
-        timeout=300,
-    )
+    return run_module("tools.predict", *args, timeout=300)
 
 
 @pytest.fixture(scope="module")

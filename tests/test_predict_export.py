@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from PIL import Image
 from cifar100_dvc.inference import load_model
 from cifar100_dvc.params import ExportParams
 from cifar100_dvc.paths import ProjectPaths
-from cifar100_dvc.scratch import environment
+from cifar100_dvc.scratch import run_module
 from cifar100_dvc.synthetic import COARSE_NAMES, make_image
 from stages import export
 from tools import predict
@@ -55,13 +54,7 @@ def test_predictions_match_the_model_in_memory(trained, image_dir):
 
 
 def run_predict(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tools.predict", *args],
-        capture_output=True,
-        text=True,
-        env=environment(),
-        timeout=300,
-    )
+    return run_module("tools.predict", *args, timeout=300)
 
 
 def test_command_prints_json_reports_bad_files_and_exits_1(trained, image_dir):
