@@ -63,7 +63,7 @@ def run_main(stage_name: str, body: Callable[[], None]) -> None:
 
 
 # Errors that only writing can cause (an OSError's errno): file too large, disk full, quota, read-only.
-_WRITE_ERRNOS = (errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_WRITE_STRERRORS = {os.strerror(code) for code in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EROFS)}
 _STRERRORS = {os.strerror(code) for code in errno.errorcode}
 
 
@@ -85,7 +85,7 @@ def io_error_reason(error: BaseException) -> str | None:
 
 def is_write_failure(error: BaseException) -> bool:
     """Whether ``error`` is a write that failed for want of space or of a writable file system (EFBIG, ENOSPC, ...)."""
-    return io_error_reason(error) in {os.strerror(code) for code in _WRITE_ERRNOS}
+    return io_error_reason(error) in _WRITE_STRERRORS
 
 
 def _is_tensorflow_error(error: BaseException) -> bool:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CPU_FLAGS_ENV = "CIFAR100_DVC_CPU_FLAGS"
-ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
 # The flags a training step cares about, in the order the benchmark reports them.
 REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
 BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")  # native bfloat16 dot products
@@ -31,12 +30,7 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo"), environ: dict | None = None
     override = environ.get(CPU_FLAGS_ENV)
     if override is not None:
         return frozenset(override.replace(",", " ").lower().split())
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return frozenset()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "flags:")
-    return frozenset(line.split(":", 1)[1].split())
+    return frozenset((_cpuinfo_field(cpuinfo, "flags") or "").split())
 
 
 def cpu_has_bfloat16(flags: frozenset[str]) -> bool:
@@ -53,12 +47,17 @@ def onednn_enabled() -> bool:
 
 def cpu_model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's marketing name, or 'unknown'."""
+    return _cpuinfo_field(cpuinfo, "model name") or "unknown"
+
+
+def _cpuinfo_field(cpuinfo: Path, name: str) -> str | None:
+    """The value of the first ``name`` line of ``cpuinfo`` (the first CPU's), or None where unreadable."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return "unknown"
-    line = next((line for line in text.splitlines() if line.startswith("model name")), None)
-    return line.split(":", 1)[1].strip() if line else "unknown"
+        return None
+    line = next((line for line in text.splitlines() if line.startswith(name)), None)
+    return line.split(":", 1)[1].strip() if line and ":" in line else None
 
 
 @dataclass(frozen=True)

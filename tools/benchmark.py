@@ -376,8 +376,14 @@ def run_benchmark(dataset: str, label: str | None, out_dir: Path, images_per_run
     try:
         dataset, label = resolve_dataset(dataset, label, scratch_dir)
         paths, info, prepare_row = prepare_dataset(dataset, label, scratch_dir / "project")
-        machine_report = dataclasses.asdict(hardware.machine_report())
-        results = {"machine": machine_description(), "machine_report": machine_report, "dataset": dataset, "prepare": prepare_row}
+        report = hardware.machine_report()
+        machine_report = dataclasses.asdict(report)
+        results = {
+            "machine": machine_description(report),
+            "machine_report": machine_report,
+            "dataset": dataset,
+            "prepare": prepare_row,
+        }
         work = load_workload(paths, info, label, params.train)
         results["input"] = measure_inputs(work, input_images)
         results["compute"] = compute_settings(work, machine_report)
@@ -410,7 +416,6 @@ def run_stage(root: Path, stage: str) -> float:
 def noop_repro_seconds(dataset: str, label: str, repo: Path) -> float:
     """Seconds of ``dvc repro`` when nothing changed, in a scratch copy of the project (the tiny
     training recipe for one epoch, no TFLite: what is timed is DVC deciding that nothing needs to run)."""
-    dataset = str(Path(dataset).resolve()) if Path(dataset).exists() else dataset
     tiny = {key: value for key, value in scratch.TINY_PARAMS.items() if key.startswith(("train.", "export."))}
     scratch.init_repo(scratch.make_project(repo, dataset, **{**tiny, "train.epochs": 1, "prepare.label": label}))
     scratch.dvc(repo, "repro", "-q")
@@ -419,11 +424,11 @@ def noop_repro_seconds(dataset: str, label: str, repo: Path) -> float:
     return round(time.perf_counter() - started, 2)
 
 
-def machine_description() -> str:
+def machine_description(report: hardware.MachineReport) -> str:
     """The CPU, its training-relevant flags, oneDNN, GPUs and TensorFlow's version, on one line."""
     import tensorflow as tf
 
-    return f"{hardware.machine_report().describe()}; TensorFlow {tf.__version__}"
+    return f"{report.describe()}; TensorFlow {tf.__version__}"
 
 
 def to_markdown(results: dict) -> str:
