@@ -2,7 +2,7 @@
 
 One home for what the evaluate and export stages and the predict tool share: ``load_model``
 (Keras' safe mode; a file that is not this project's model is refused with one line saying why)
-and ``predict_probabilities`` (softmax of the logits, optionally averaged with the mirror image).
+and ``predict_probabilities`` (softmax of the logits, optionally averaged over mirrored and shifted views).
 """
 
 from __future__ import annotations
@@ -22,12 +22,37 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def predict_probabilities(model, images_uint8: np.ndarray, batch_size: int, tta_flip: bool) -> np.ndarray:
-    """Class probabilities [N, C]; with ``tta_flip``, the mean over each image and its mirror."""
-    probabilities = softmax(model.predict(images_uint8, batch_size=batch_size, verbose=0).astype(np.float64))
-    if tta_flip:
-        mirrored = softmax(model.predict(images_uint8[:, :, ::-1], batch_size=batch_size, verbose=0).astype(np.float64))
-        probabilities = (probabilities + mirrored) / 2.0
+def shifted_views(images_uint8: np.ndarray, pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two copies of images [N, H, W, C], their content moved ``pixels`` down-right and ``pixels``
+    up-left, the uncovered edge filled by reflection (airbench's translation views; training's
+    random crop showed the network such shifts)."""
+    p = pixels
+    padded = np.pad(images_uint8, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
+    height, width = images_uint8.shape[1:3]
+    return padded[:, :height, :width], padded[:, 2 * p : 2 * p + height, 2 * p : 2 * p + width]
+
+
+def predict_probabilities(model, images_uint8: np.ndarray, batch_size: int, tta_flip: bool, tta_translate: int = 0) -> np.ndarray:
+    """Class probabilities [N, C], averaged over test-time views of each image.
+
+    ``tta_flip``: each image and its mirror, equally. ``tta_translate`` (pixels, 0: off): half
+    the weight to the image as is, a quarter to each of two copies shifted diagonally by that
+    many pixels (see ``shifted_views``), each of them also mirrored with ``tta_flip``, as in
+    airbench's test-time augmentation.
+    """
+
+    def one_view(images: np.ndarray) -> np.ndarray:
+        return softmax(model.predict(images, batch_size=batch_size, verbose=0).astype(np.float64))
+
+    def with_mirror(images: np.ndarray) -> np.ndarray:
+        if not tta_flip:
+            return one_view(images)
+        return (one_view(images) + one_view(np.ascontiguousarray(images[:, :, ::-1]))) / 2.0
+
+    probabilities = with_mirror(images_uint8)
+    if tta_translate:
+        up_left, down_right = shifted_views(images_uint8, tta_translate)
+        probabilities = 0.5 * probabilities + 0.25 * (with_mirror(up_left) + with_mirror(down_right))
     return probabilities
 
 

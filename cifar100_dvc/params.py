@@ -87,6 +87,9 @@ class TrainParams:
 class EvaluateParams:
     batch_size: int = _param(1000, "images per inference batch", ge=1)
     tta_flip: bool = _param(True, "average the predictions of each image and its mirror")
+    tta_translate: int = _param(
+        1, "pixels of two extra views shifted diagonally (up-left, down-right), a quarter weight each; 0: off", ge=0, le=4
+    )
     sample_images: int = _param(36, "test images shown in plots/samples.png", ge=1)
 
 

@@ -1,9 +1,11 @@
 """DVC stage ``evaluate``: test-split metrics of models/model.keras, and the plots a user wants.
 
-metrics/metrics.json: accuracy, top-5 accuracy, cross-entropy and the example count on ``test``.
-``cross_entropy`` is plain (no label smoothing) and of the probabilities actually predicted (with
-``tta_flip``, the mean of each image's and its mirror's); it is not comparable to the training
-loss that dvclive and models/history.json record (label-smoothed, one view, on train and val).
+metrics/metrics.json: accuracy, top-5 accuracy, cross-entropy and the example count on ``test``,
+with the test-time views of ``evaluate.tta_flip`` / ``tta_translate``, and ``single_view_accuracy``
+(the image as is, one view: what those views add); the same under ``val``, on which recipes are
+chosen. ``cross_entropy`` is plain (no label smoothing) and of the probabilities actually
+predicted (averaged over the views); it is not comparable to the training loss that dvclive and
+models/history.json record (label-smoothed, one view, on train and val).
 metrics/class_accuracy.json: accuracy of every class. plots/: training curves, a confusion
 matrix (PNG, and the rows DVC's confusion template reads), classes ranked by accuracy, and a
 grid of test images with true and predicted labels.
@@ -191,8 +193,22 @@ def plot_samples(
 # ---------------------------------------------------------------- the stage
 
 
+def split_metrics(model, images_uint8, labels, params: EvaluateParams, num_classes: int, paths: ProjectPaths):
+    """(metrics of one split with the configured test-time views plus its one-view accuracy, the probabilities)."""
+    probabilities = predict_probabilities(model, images_uint8, params.batch_size, params.tta_flip, params.tta_translate)
+    if probabilities.shape[1] != num_classes:
+        raise StageError(f"{paths.model_file} predicts {probabilities.shape[1]} classes but the data has {num_classes}: retrain")
+    metrics = compute_metrics(probabilities, labels)
+    if params.tta_flip or params.tta_translate:  # what the extra views buy, from the same model
+        single = predict_probabilities(model, images_uint8, params.batch_size, tta_flip=False)
+        metrics["single_view_accuracy"] = compute_metrics(single, labels)["accuracy"]
+    else:
+        metrics["single_view_accuracy"] = metrics["accuracy"]
+    return metrics, probabilities
+
+
 def run(params: EvaluateParams, paths: ProjectPaths) -> dict:
-    """Evaluate on the test split; write metrics atomically and all plots; return the metrics."""
+    """Evaluate on the test (and val) split; write metrics atomically and all plots; return the metrics."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
@@ -201,12 +217,10 @@ def run(params: EvaluateParams, paths: ProjectPaths) -> dict:
     images_uint8, labels = read_arrays(paths.prepared_dir, "test")
     if len(labels) == 0:
         raise StageError(f"{paths.prepared_dir}: the test split is empty")
-    probabilities = predict_probabilities(model, images_uint8, params.batch_size, params.tta_flip)
-    if probabilities.shape[1] != info.num_classes:
-        raise StageError(
-            f"{paths.model_file} predicts {probabilities.shape[1]} classes but the data has {info.num_classes}: retrain"
-        )
-    metrics = compute_metrics(probabilities, labels)
+    metrics, probabilities = split_metrics(model, images_uint8, labels, params, info.num_classes, paths)
+    val_images_uint8, val_labels = read_arrays(paths.prepared_dir, "val")
+    if len(val_labels):  # recipes are chosen on val, with the same test-time views as test
+        metrics["val"] = split_metrics(model, val_images_uint8, val_labels, params, info.num_classes, paths)[0]
     predictions = probabilities.argmax(axis=1)
     counts = confusion_matrix(labels, predictions, info.num_classes)
     per_class = class_accuracy(counts)

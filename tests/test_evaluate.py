@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from cifar100_dvc.inference import softmax
+from cifar100_dvc.inference import predict_probabilities, shifted_views, softmax
 from stages.evaluate import (
     class_accuracy,
     compute_metrics,
@@ -79,3 +79,34 @@ def test_an_epoch_cut_short_by_the_time_budget_sits_at_its_fraction(tmp_path):
     assert epoch_positions(history(True, 1.0)) == ([1.0, 2.0, 3.0], False)  # the budget ran out on the epoch's last step
     plot_training_curves(history(True, 0.4), tmp_path / "training_curves.png")
     assert (tmp_path / "training_curves.png").stat().st_size > 0
+
+
+def test_shifted_views_move_the_content_one_pixel_each_way_and_reflect_the_edge():
+    images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    down_right, up_left = shifted_views(images, 1)
+    assert down_right.shape == up_left.shape == images.shape
+    np.testing.assert_array_equal(down_right[:, 1:, 1:], images[:, :-1, :-1])
+    np.testing.assert_array_equal(up_left[:, :-1, :-1], images[:, 1:, 1:])
+    np.testing.assert_array_equal(down_right[:, 0, 1:], images[:, 1, :-1])  # row -1 reflects row 1
+
+
+class PixelLogits:
+    """A stand-in model whose 3 logits are three pixels of the image: every view gives other logits."""
+
+    def predict(self, images, batch_size, verbose):
+        return images[:, 0, :3, 0].astype(np.float32) / 10.0
+
+
+def test_test_time_views_are_weighted_as_airbench_weights_them():
+    images = np.random.default_rng(0).integers(0, 255, size=(5, 4, 4, 1), dtype=np.uint8)
+    model = PixelLogits()
+    one = predict_probabilities(model, images, 2, tta_flip=False)
+    np.testing.assert_allclose(one, softmax(model.predict(images, 2, 0).astype(np.float64)))
+
+    def mirrored_pair(view):
+        return (predict_probabilities(model, view, 2, False) + predict_probabilities(model, view[:, :, ::-1], 2, False)) / 2
+
+    down_right, up_left = shifted_views(images, 1)
+    expected = 0.5 * mirrored_pair(images) + 0.25 * mirrored_pair(down_right) + 0.25 * mirrored_pair(up_left)
+    np.testing.assert_allclose(predict_probabilities(model, images, 2, tta_flip=True, tta_translate=1), expected)
+    assert not np.allclose(expected, one)  # the views do change the answer here

@@ -33,10 +33,13 @@ def test_chain_learns_far_above_chance_and_writes_everything(project_with):
     summary = json.loads(paths.history_file.read_text())
     assert summary["epochs_completed"] == 6 and not summary["stopped_by_time_budget"]
     assert [row["epoch"] for row in summary["epochs"]] == [1, 2, 3, 4, 5, 6]
-    metrics = evaluate.run(EvaluateParams(batch_size=64, tta_flip=True, sample_images=9), paths)
+    metrics = evaluate.run(EvaluateParams(batch_size=64, tta_flip=True, tta_translate=1, sample_images=9), paths)
     assert metrics["num_examples"] == 200
     assert metrics["accuracy"] > 0.3  # 20 classes: chance is 0.05 (0.5 seen with these settings)
-    assert set(metrics) == {"accuracy", "top5_accuracy", "cross_entropy", "num_examples"}
+    split_keys = {"accuracy", "top5_accuracy", "cross_entropy", "num_examples", "single_view_accuracy"}
+    assert set(metrics) == split_keys | {"val"}
+    assert set(metrics["val"]) == split_keys and metrics["val"]["num_examples"] == 60  # recipes are chosen here
+    assert metrics["single_view_accuracy"] > 0.3
     assert json.loads(paths.metrics_file.read_text()) == metrics
     per_class = json.loads(paths.class_accuracy_file.read_text())
     assert [row["class"] for row in per_class] == COARSE_NAMES

@@ -57,7 +57,7 @@ def top_k_classes(probabilities: np.ndarray, class_names: list[str], k: int) -> 
     return [[(class_names[c], float(row[c])) for c in indices] for row, indices in zip(probabilities, order)]
 
 
-def predict_files(model, files: list[Path], k: int = 5, tta_flip: bool = False) -> list[Prediction]:
+def predict_files(model, files: list[Path], k: int = 5, tta_flip: bool = False, tta_translate: int = 0) -> list[Prediction]:
     """A Prediction for each file, in order: its top-k classes, or its error."""
     from cifar100_dvc.network import class_names_of
 
@@ -65,7 +65,7 @@ def predict_files(model, files: list[Path], k: int = 5, tta_flip: bool = False) 
     readable = [pixels for pixels in loaded if not isinstance(pixels, str)]
     ranked = iter([])
     if readable:
-        probabilities = predict_probabilities(model, np.stack(readable), batch_size=256, tta_flip=tta_flip)
+        probabilities = predict_probabilities(model, np.stack(readable), 256, tta_flip, tta_translate)
         ranked = iter(top_k_classes(probabilities, class_names_of(model), k))
     return [
         Prediction(str(path), error=pixels) if isinstance(pixels, str) else Prediction(str(path), top_k=next(ranked))
@@ -83,10 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=ProjectPaths().model_file, help="a .keras model (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=5, help="classes to show per image (default: %(default)s)")
     parser.add_argument("--tta-flip", action="store_true", help="average with the mirrored image, as evaluate does")
+    parser.add_argument(
+        "--tta-translate", type=int, default=0, metavar="PIXELS", help="add two views shifted by PIXELS, as evaluate does"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines of text")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
+    if not 0 <= args.tta_translate <= 4:
+        parser.error("--tta-translate must be 0 to 4 pixels")
     setup_logging()
     try:
         model = load_model(args.model)
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print("error: predict: no image files found in " + ", ".join(map(str, args.inputs)), file=sys.stderr)
         return 1
-    results = predict_files(model, files, args.top_k, args.tta_flip)
+    results = predict_files(model, files, args.top_k, args.tta_flip, args.tta_translate)
     for result in results:
         if result.error:
             print(f"error: predict: {result.file}: {result.error}", file=sys.stderr)
