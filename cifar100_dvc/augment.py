@@ -1,5 +1,8 @@
 """Pure, stateless batch augmentations in TensorFlow: random crop from a padded image, flip.
 
+The padding is black (zeros) or the image reflected at its edge (airbench's choice: no
+artificial edge for the first layer, which matters most with the whitening stem).
+
 They work on whole uint8 batches with one gather per axis (a mirrored image simply reads its
 columns right to left), so augmentation costs about 1% of a training step on a CPU. They
 draw randomness from an explicit ``seed`` tensor of shape [2], so the same seed gives the
@@ -10,14 +13,19 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+FILLS = ("zeros", "reflect")  # what the padding around an image holds: black, or the image mirrored at its edge
 
-def _window(images: tf.Tensor, padding: int, offsets: tf.Tensor, mirrored: tf.Tensor) -> tf.Tensor:
-    """Each image of [B, H, W, C], zero-padded by ``padding``, read from ``offsets`` [B, 2]
-    (row, column) with its columns reversed where ``mirrored`` [B] is true."""
+
+def _window(images: tf.Tensor, padding: int, offsets: tf.Tensor, mirrored: tf.Tensor, fill: str = "zeros") -> tf.Tensor:
+    """Each image of [B, H, W, C], padded by ``padding`` (``fill``: zeros or the reflected image),
+    read from ``offsets`` [B, 2] (row, column) with its columns reversed where ``mirrored`` [B] is true."""
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
     shape = tf.shape(images)
     height, width = shape[1], shape[2]
     if padding:
-        images = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]])
+        mode = "REFLECT" if fill == "reflect" else "CONSTANT"
+        images = tf.pad(images, [[0, 0], [padding, padding], [padding, padding], [0, 0]], mode=mode)
     rows = offsets[:, :1] + tf.range(height)[None, :]  # [B, H]
     forward = tf.range(width)[None, :]
     columns = offsets[:, 1:] + tf.where(mirrored[:, None], tf.reverse(forward, axis=[1]), forward)  # [B, W]
@@ -33,10 +41,10 @@ def _coin(batch: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.random.stateless_uniform([batch], seed=seed) < 0.5
 
 
-def random_crop(images: tf.Tensor, seed: tf.Tensor, padding: int) -> tf.Tensor:
-    """Each image of [B, H, W, C] cropped back to H x W from a copy zero-padded by ``padding``."""
+def random_crop(images: tf.Tensor, seed: tf.Tensor, padding: int, fill: str = "zeros") -> tf.Tensor:
+    """Each image of [B, H, W, C] cropped back to H x W from a copy padded by ``padding`` (``fill``: see FILLS)."""
     batch = tf.shape(images)[0]
-    return _window(images, padding, _offsets(batch, seed, padding), tf.zeros([batch], tf.bool))
+    return _window(images, padding, _offsets(batch, seed, padding), tf.zeros([batch], tf.bool), fill)
 
 
 def random_flip(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -45,8 +53,8 @@ def random_flip(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return _window(images, 0, tf.zeros([batch, 2], tf.int32), _coin(batch, seed))
 
 
-def crop_and_flip(images: tf.Tensor, seed: tf.Tensor, padding: int) -> tf.Tensor:
+def crop_and_flip(images: tf.Tensor, seed: tf.Tensor, padding: int, fill: str = "zeros") -> tf.Tensor:
     """Random crop and random flip in one pass, with independent randomness derived from ``seed``."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
     batch = tf.shape(images)[0]
-    return _window(images, padding, _offsets(batch, crop_seed, padding), _coin(batch, flip_seed))
+    return _window(images, padding, _offsets(batch, crop_seed, padding), _coin(batch, flip_seed), fill)

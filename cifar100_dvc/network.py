@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import layers
 
@@ -143,10 +144,49 @@ def _conv_bn_relu(x, filters: int, name: str, pool: bool = False):
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
-def build_resnet(spec: InputSpec, widths: Sequence[int]) -> keras.Model:
+WHITENING_PATCH = 2  # pixels per side of the patches the whitening stem decorrelates
+
+
+def patch_whitening_kernel(images_uint8: np.ndarray, spec: InputSpec, epsilon: float = 5e-4) -> np.ndarray:
+    """Conv kernel [2, 2, C, 2 * 4C] that whitens the 2x2 patches of normalized images (airbench).
+
+    Its filters are the eigenvectors of the patches' covariance, each divided by the square
+    root of its eigenvalue (plus ``epsilon``), so on these images every output channel has
+    unit variance and no two are correlated; each filter comes twice, as w and -w, so the ReLU
+    after it keeps both signs. Pass a few thousand training images.
+    """
+    pixels = (images_uint8.astype(np.float64) - np.array(spec.mean_rgb)) / np.array(spec.std_rgb)
+    size, channels = WHITENING_PATCH, images_uint8.shape[-1]
+    height, width = pixels.shape[1:3]
+    patches = np.stack(
+        [pixels[:, i : height - size + 1 + i, j : width - size + 1 + j] for i in range(size) for j in range(size)], axis=3
+    ).reshape(-1, size * size * channels)  # [patches, (row, column, channel)]: the kernel's order
+    covariance = np.cov(patches, rowvar=False)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    filters = (eigenvectors / np.sqrt(eigenvalues + epsilon)).T.reshape(-1, size, size, channels)
+    kernel = np.concatenate([filters, -filters]).transpose(1, 2, 3, 0)
+    return kernel.astype(np.float32)
+
+
+def _whitening_stem(x, kernel: np.ndarray | None):
+    """Frozen 2x2 patch-whitening conv, then ReLU. ``kernel`` None: zeros, for a model whose
+    weights are loaded afterwards (a checkpoint, a saved model)."""
+    size, _, channels, filters = (WHITENING_PATCH, WHITENING_PATCH, 3, 24) if kernel is None else kernel.shape
+    conv = layers.Conv2D(filters, size, padding="same", use_bias=False, trainable=False, name="stem_whiten")
+    x = conv(x)
+    if kernel is not None:
+        conv.kernel.assign(kernel)
+    return layers.ReLU(name="stem_relu")(x)
+
+
+def build_resnet(
+    spec: InputSpec, widths: Sequence[int], whiten_stem: bool = False, whitening_kernel: np.ndarray | None = None
+) -> keras.Model:
     """A ResNet-9-style network (Page's DAWNBench design), scaled by ``widths``.
 
-    widths = (stem, stage1, stage2, stage3). Each stage is a conv that doubles the channels
+    widths = (stem, stage1, stage2, stage3). With ``whiten_stem``, the stem is instead a frozen
+    2x2 conv that whitens pixel patches (``patch_whitening_kernel``, 24 channels for RGB), as in
+    airbench: the first layer starts decorrelated instead of learning it. Each stage is a conv that doubles the channels
     and halves the resolution by max pooling and, in stages 1 and 3, a residual pair of
     conv-BN-ReLU. Global max pooling
     and a linear head follow; the logits are scaled by 1/8, which keeps the initial loss
@@ -155,7 +195,7 @@ def build_resnet(spec: InputSpec, widths: Sequence[int]) -> keras.Model:
     if len(widths) != 4:
         raise ValueError(f"resnet needs 4 widths (stem, stage1, stage2, stage3), got {widths}")
     images_uint8, x = _normalized_input(spec)
-    x = _conv_bn_relu(x, widths[0], "stem")
+    x = _whitening_stem(x, whitening_kernel) if whiten_stem else _conv_bn_relu(x, widths[0], "stem")
     for stage, filters in enumerate(widths[1:], start=1):
         x = _conv_bn_relu(x, filters, f"stage{stage}", pool=True)
         if stage != 2:  # residual pairs at 16x16 and 4x4, as in ResNet-9
@@ -168,10 +208,19 @@ def build_resnet(spec: InputSpec, widths: Sequence[int]) -> keras.Model:
     return keras.Model(images_uint8, _logits_head(x, spec), name="resnet")
 
 
-def build_network(arch: str, spec: InputSpec, widths: Sequence[int]) -> keras.Model:
-    """The network named by ``arch`` (one of ARCHITECTURES), uncompiled, logits out."""
+def build_network(
+    arch: str,
+    spec: InputSpec,
+    widths: Sequence[int],
+    whiten_stem: bool = False,
+    whitening_kernel: np.ndarray | None = None,
+) -> keras.Model:
+    """The network named by ``arch`` (one of ARCHITECTURES), uncompiled, logits out.
+
+    ``whiten_stem`` (resnet only; the baseline stays the notebook's network): see build_resnet.
+    """
     if arch == "baseline":
         return build_baseline(spec)
     if arch == "resnet":
-        return build_resnet(spec, widths)
+        return build_resnet(spec, widths, whiten_stem, whitening_kernel)
     raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")

@@ -164,12 +164,18 @@ def read_split(
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
-def read_arrays(prepared_dir: Path, split: str, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """All of ``split`` in memory, in stored order: (uint8 images [N, 32, 32, 3], int32 labels [N])."""
+def read_arrays(
+    prepared_dir: Path, split: str, batch_size: int = 4096, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """All of ``split`` (or its first ``limit`` examples) in memory, in stored order:
+    (uint8 images [N, 32, 32, 3], int32 labels [N])."""
     images, labels = [], []
     for batch_images, batch_labels in read_split(prepared_dir, split, batch_size, cache=False):
         images.append(batch_images.numpy())
         labels.append(batch_labels.numpy())
+        if limit is not None and sum(map(len, labels)) >= limit:
+            images, labels = [np.concatenate(images)[:limit]], [np.concatenate(labels)[:limit]]
+            break
     if not images:
         shape = DatasetInfo.read(prepared_dir).image_shape
         return np.zeros((0, *shape), np.uint8), np.zeros((0,), np.int32)

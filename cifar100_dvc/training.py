@@ -180,7 +180,8 @@ def augmenter(params: TrainParams):
     """Crop-and-flip of a batch, seeded by (train.seed, the batch's position in the stream)."""
 
     def augment(images: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
-        return crop_and_flip(images, tf.stack([tf.constant(params.seed, tf.int64), position]), params.crop_padding)
+        seed = tf.stack([tf.constant(params.seed, tf.int64), position])
+        return crop_and_flip(images, seed, params.crop_padding, params.crop_fill)
 
     return augment
 

@@ -160,8 +160,53 @@ def test_crop_is_a_shifted_window_of_the_zero_padded_image():
         assert any(np.array_equal(cropped, window) for window in windows)
 
 
+def test_reflect_filled_crop_is_a_window_of_the_reflected_image():
+    image = np.random.default_rng(5).integers(1, 256, (1, 8, 8, 1), dtype=np.uint8)
+    padded = np.pad(image[0, :, :, 0], 2, mode="reflect")
+    windows = [padded[r : r + 8, c : c + 8] for r in range(5) for c in range(5)]
+    seeds = [tf.constant([step, 3], tf.int64) for step in range(10)]
+    crops = [random_crop(tf.constant(image), seed, 2, fill="reflect").numpy()[0, :, :, 0] for seed in seeds]
+    assert all(any(np.array_equal(crop, window) for window in windows) for crop in crops)
+    assert any(not np.array_equal(crop, image[0, :, :, 0]) for crop in crops)
+    assert all((crop > 0).all() for crop in crops)  # no black border: every pixel comes from the image
+
+
 def test_crop_without_padding_returns_the_images_unchanged():
     images = np.random.default_rng(7).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     for step in range(5):
         cropped = random_crop(tf.constant(images), tf.constant([step, 3], tf.int64), padding=0).numpy()
         np.testing.assert_array_equal(cropped, images)
+
+
+def test_whitening_kernel_decorrelates_the_patches_it_was_computed_on():
+    from cifar100_dvc.network import patch_whitening_kernel
+
+    rng = np.random.default_rng(0)
+    smooth = rng.normal(size=(64, 33, 33, 3)).cumsum(axis=1).cumsum(axis=2)  # neighbouring pixels correlate
+    images_uint8 = np.clip(128 + 4 * smooth[:, :32, :32], 0, 255).astype(np.uint8)
+    pixels = images_uint8.astype(np.float64)
+    image_spec = InputSpec((32, 32, 3), ("a", "b"), tuple(pixels.mean(axis=(0, 1, 2))), tuple(pixels.std(axis=(0, 1, 2))))
+    kernel = patch_whitening_kernel(images_uint8, image_spec, epsilon=0.0)
+    assert kernel.shape == (2, 2, 3, 24)
+    np.testing.assert_allclose(kernel[..., 12:], -kernel[..., :12])  # w and -w: ReLU keeps both signs
+    normalized = (pixels - image_spec.mean_rgb) / image_spec.std_rgb
+    patches = np.stack([normalized[:, i : 31 + i, j : 31 + j] for i in range(2) for j in range(2)], axis=3)
+    whitened = patches.reshape(-1, 12) @ kernel[..., :12].reshape(12, 12)
+    np.testing.assert_allclose(np.cov(whitened, rowvar=False), np.eye(12), atol=1e-3)
+
+
+def test_whitened_stem_is_frozen_and_survives_save_and_load(tmp_path):
+    from cifar100_dvc.network import patch_whitening_kernel
+
+    images_uint8 = np.random.default_rng(1).integers(0, 256, size=(32, 32, 32, 3), dtype=np.uint8)
+    kernel = patch_whitening_kernel(images_uint8, spec(10))
+    model = build_network("resnet", spec(10), (16, 32, 64, 128), whiten_stem=True, whitening_kernel=kernel)
+    stem = model.get_layer("stem_whiten")
+    assert not stem.trainable and not stem.trainable_weights
+    np.testing.assert_array_equal(stem.kernel.numpy(), kernel)
+    # 412,954 trainable with the learned 16-channel stem; the whitened stem's 24 channels feed stage 1.
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == 412_954 - (3 * 3 * 3 * 16 + 2 * 16) + 8 * 3 * 3 * 32
+    model.save(tmp_path / "whitened.keras")
+    loaded = keras.models.load_model(tmp_path / "whitened.keras")
+    np.testing.assert_array_equal(loaded.get_layer("stem_whiten").kernel.numpy(), kernel)
+    np.testing.assert_allclose(loaded.predict(images_uint8[:4], verbose=0), model.predict(images_uint8[:4], verbose=0), atol=1e-5)
