@@ -256,6 +256,7 @@ def _fit(model, params, info, paths, steps_per_epoch, history, clock, run_finger
     # What was actually done, beside the last epoch's metrics (`dvc exp show`, `dvc metrics diff`).
     live.summary["epochs_done"], live.summary["images_seen"] = _work_done(history, steps_per_epoch * params.batch_size)
     live.summary["stopped_by_time_budget"] = int(clock.exhausted)
+    live.summary["train_seconds"] = round(history[-1]["seconds"], 1) if history else 0.0
     live.make_summary()
     live.end()
 

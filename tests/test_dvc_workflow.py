@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cifar100_dvc.scratch import commit, dvc, environment, set_params, sh
+from cifar100_dvc.scratch import commit, dvc, environment, run_module, set_params, sh
 
 pytestmark = pytest.mark.slow
 ALL_STAGES = {"fetch", "prepare", "train", "evaluate", "export"}
@@ -99,24 +100,28 @@ def exp_rows(root: Path) -> list[dict]:
     return rows
 
 
-def test_experiments_run_queue_and_show(repo):
+def test_experiments_run_queue_and_show_over_seeds(repo):
     dvc(repo, "exp", "run", "-n", "one-epoch", "-S", "train.epochs=1")
-    for rate in (0.05, 0.2):
-        dvc(repo, "exp", "run", "--queue", "-S", f"train.learning_rate={rate}")
-    dvc(repo, "queue", "start", "-j", "1")
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = dvc(repo, "queue", "status").stdout
-        if not re.search(r"\b(Queued|Running)\b", status):
-            break
-        time.sleep(3)
-    assert "Failed" not in status, status
-    rows = exp_rows(repo)
-    by_rate = {row["params"]["train"]["learning_rate"]: row for row in rows if row["params"].get("train")}
-    assert {0.05, 0.2} <= set(by_rate), rows
-    for rate in (0.05, 0.2):
-        assert 0.0 <= by_rate[rate]["metrics"]["accuracy"] <= 1.0
-    assert any(row["params"]["train"]["epochs"] == 1 and row["metrics"].get("accuracy") is not None for row in rows)
+    # The README's way to run a recipe over seeds: queued as DVC experiments, one worker, waited for.
+    arguments = ["queue", "slow-rate", "--seeds", "0", "1", "-S", "train.learning_rate=0.05", "--wait"]
+    queued = run_module("tools.seeds", *arguments, cwd=repo, timeout=900)
+    assert queued.returncode == 0, queued.stderr[-3000:]
+    assert "| slow-rate | 0, 1 |" in queued.stdout and "test accuracy" not in queued.stdout  # val only
+    shown = run_module("tools.seeds", "show", "--json", cwd=repo)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    summary = json.loads(shown.stdout)
+    assert set(summary) == {"slow-rate"}  # "one-epoch" has no seed suffix
+    rows = {row["name"]: row for row in exp_rows(repo)}
+    runs = [rows["slow-rate-s0"], rows["slow-rate-s1"]]
+    assert [run["params"]["train"]["seed"] for run in runs] == [0, 1]
+    assert all(run["params"]["train"]["learning_rate"] == 0.05 for run in runs)
+    accuracies = [run["metrics"]["accuracy"] for run in runs]
+    test_accuracy = summary["slow-rate"]["test accuracy"]
+    assert test_accuracy["n"] == 2
+    assert test_accuracy["mean"] == pytest.approx(statistics.fmean(accuracies))
+    assert test_accuracy["std"] == pytest.approx(statistics.stdev(accuracies))
+    assert summary["slow-rate"]["train seconds"]["mean"] > 0
+    assert rows["one-epoch"]["params"]["train"]["epochs"] == 1 and rows["one-epoch"]["metrics"].get("accuracy") is not None
     dvc(repo, "queue", "stop", check=False)
 
 

@@ -1,0 +1,66 @@
+"""tools.seeds: grouping experiments by recipe and their mean and spread, on `dvc exp show --json`'s shape."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from tools.seeds import format_table, runs_of, summarize
+
+
+def experiment(name: str, accuracy: float | None, val_accuracy: float = 0.8, seconds: float = 100.0) -> dict:
+    metrics = {"metrics/metrics.json": {"data": {}}, "dvclive/metrics.json": {"data": {}}}
+    if accuracy is not None:  # a queued or running experiment has no metrics yet
+        metrics["metrics/metrics.json"]["data"] = {
+            "accuracy": accuracy,
+            "single_view_accuracy": accuracy - 0.01,
+            "top5_accuracy": 0.99,
+            "val": {"accuracy": val_accuracy, "single_view_accuracy": val_accuracy - 0.01},
+        }
+        metrics["dvclive/metrics.json"]["data"] = {"train_seconds": seconds, "epochs_done": 18.0}
+    return {"name": name, "revs": [{"name": name, "rev": "0" * 40, "data": {"rev": "0" * 40, "metrics": metrics}}]}
+
+
+def exp_show(*experiments: dict) -> list:
+    # `dvc exp show --all-commits --json`: the workspace, then commits, each with its experiments.
+    workspace = {"rev": "workspace", "name": None, "data": {"metrics": {}}, "experiments": None}
+    return [workspace, {"rev": "1" * 40, "name": "main", "data": {"metrics": {}}, "experiments": list(experiments)}]
+
+
+def test_runs_are_grouped_by_recipe_and_unfinished_or_unsuffixed_ones_left_out():
+    shown = exp_show(
+        experiment("whiten-s0", 0.90),
+        experiment("whiten-s2", 0.88),
+        experiment("whiten-s1", None),  # still queued
+        experiment("one-epoch", 0.5),  # no seed suffix
+        experiment("tta-off-s0", 0.87),
+    )
+    runs = runs_of(shown)
+    assert [(run.recipe, run.seed) for run in runs] == [("tta-off", 0), ("whiten", 0), ("whiten", 2)]
+
+
+def test_summary_is_the_mean_and_sample_spread_per_recipe():
+    shown = exp_show(
+        experiment("a-s0", 0.90, val_accuracy=0.80, seconds=300),
+        experiment("a-s1", 0.86, val_accuracy=0.84, seconds=310),
+        experiment("b-s5", 0.70),
+    )
+    summary = summarize(runs_of(shown))
+    assert summary["a"]["seeds"] == [0, 1]
+    assert summary["a"]["test accuracy"]["mean"] == pytest.approx(0.88)
+    assert summary["a"]["test accuracy"]["std"] == pytest.approx(statistics.stdev([0.90, 0.86]))
+    assert summary["a"]["val accuracy"]["mean"] == pytest.approx(0.82)
+    assert summary["a"]["train seconds"] == {"mean": 305.0, "std": pytest.approx(statistics.stdev([300, 310])), "n": 2}
+    assert summary["b"]["test accuracy"] == {"mean": 0.70, "std": None, "n": 1}  # one seed: no spread
+
+
+def test_table_shows_val_unless_the_test_is_asked_for():
+    summary = summarize(runs_of(exp_show(experiment("a-s0", 0.90, 0.80), experiment("a-s1", 0.86, 0.84))))
+    val_only = format_table(summary)
+    assert "| a | 0, 1 | 82.00% ± 2.83 |" in val_only
+    assert "test" not in val_only
+    with_test = format_table(summary, with_test=True)
+    assert "88.00% ± 2.83" in with_test and "test accuracy" in with_test
+    single = format_table(summarize(runs_of(exp_show(experiment("c-s3", 0.9, 0.75)))))
+    assert "| c | 3 | 75.00% |" in single
