@@ -14,15 +14,17 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from cifar100_dvc import hardware
 from cifar100_dvc.augment import crop_and_flip
-from cifar100_dvc.network import InputSpec
+from cifar100_dvc.network import InputSpec, patch_whitening_kernel
 from cifar100_dvc.params import TrainParams, check_optimizer
-from cifar100_dvc.records import DatasetInfo
+from cifar100_dvc.records import DatasetInfo, read_arrays
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +191,18 @@ def augmenter(params: TrainParams):
 def input_spec(info: DatasetInfo) -> InputSpec:
     """What the prepared data says a network must accept and produce."""
     return InputSpec(tuple(info.image_shape), tuple(info.class_names), tuple(info.mean_rgb), tuple(info.std_rgb))
+
+
+WHITENING_IMAGES = 5000  # train images whose patch covariance sets the whitening stem: plenty for a 12x12 matrix
+
+
+def whitening_kernel(params: TrainParams, info: DatasetInfo, prepared_dir: Path) -> np.ndarray | None:
+    """The whitening stem's kernel from the first train images (stored order: the same for every
+    seed), or None when ``params`` has no whitening stem."""
+    if not (params.whiten_stem and params.arch == "resnet"):
+        return None
+    images_uint8, _ = read_arrays(prepared_dir, "train", limit=WHITENING_IMAGES)
+    return patch_whitening_kernel(images_uint8, input_spec(info))
 
 
 @contextlib.contextmanager

@@ -26,11 +26,19 @@ import tensorflow as tf
 
 from cifar100_dvc import hardware
 from cifar100_dvc.common import StageError, atomic_output, remove_path, run_main
-from cifar100_dvc.network import build_network, patch_whitening_kernel
+from cifar100_dvc.network import build_network
 from cifar100_dvc.params import TrainParams, load_params, to_dict
 from cifar100_dvc.paths import ProjectPaths
-from cifar100_dvc.records import DatasetInfo, read_arrays, read_split
-from cifar100_dvc.training import augmenter, compile_model, device_settings_here, input_spec, make_strategy, process_settings
+from cifar100_dvc.records import DatasetInfo, read_split
+from cifar100_dvc.training import (
+    augmenter,
+    compile_model,
+    device_settings_here,
+    input_spec,
+    make_strategy,
+    process_settings,
+    whitening_kernel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +202,7 @@ def _build_or_resume(params, info, settings, strategy, steps_per_epoch, paths, s
     with strategy.scope():
         budget_spent = keras.Variable(0.0, trainable=False, name="budget_spent") if params.time_budget_minutes else None
         model = build_network(
-            params.arch, input_spec(info), params.widths, params.whiten_stem, _whitening_kernel(params, info, paths)
+            params.arch, input_spec(info), params.widths, params.whiten_stem, whitening_kernel(params, info, paths.prepared_dir)
         )
         compile_model(model, params, steps_per_epoch, settings.jit_compile, settings.steps_per_execution, budget_spent)
         if state:
@@ -202,17 +210,6 @@ def _build_or_resume(params, info, settings, strategy, steps_per_epoch, paths, s
             model.optimizer.build(model.trainable_variables)  # its slots must exist to be loaded into
             model.load_weights(paths.checkpoint_dir / state["weights"])
     return model, budget_spent
-
-
-WHITENING_IMAGES = 5000  # train images whose patch covariance sets the whitening stem: plenty for 12x12
-
-
-def _whitening_kernel(params: TrainParams, info: DatasetInfo, paths: ProjectPaths):
-    """The whitening stem's kernel from the first train images (file order: the same for every seed), or None."""
-    if not (params.whiten_stem and params.arch == "resnet"):
-        return None
-    images_uint8, _ = read_arrays(paths.prepared_dir, "train", limit=WHITENING_IMAGES)
-    return patch_whitening_kernel(images_uint8, input_spec(info))
 
 
 def _fit(model, params, info, paths, steps_per_epoch, history, clock, run_fingerprint) -> None:
