@@ -134,10 +134,33 @@ def build_baseline(spec: InputSpec, batch_norm: type[layers.BatchNormalization] 
     return keras.Model(images_uint8, _logits_head(x, spec), name="baseline")
 
 
-def _conv_bn_relu(x, filters: int, name: str, pool: bool = False):
+@keras.saving.register_keras_serializable(package="cifar100_dvc")
+class DiracInitializer(keras.initializers.Initializer):
+    """Glorot-uniform conv kernel [kh, kw, in, out] whose first min(in, out) filters are the
+    identity instead (airbench's dirac initialization): each such filter starts by passing one
+    input channel through, so a deep stack starts close to the identity map and trains faster."""
+
+    def __init__(self, seed=None):
+        self.seed = seed
+
+    def __call__(self, shape, dtype=None):
+        kernel = keras.initializers.GlorotUniform(self.seed)(shape, dtype)
+        height, width, channels_in, channels_out = shape
+        passed = min(channels_in, channels_out)
+        identity = np.zeros(shape, np.float32)
+        identity[height // 2, width // 2, np.arange(passed), np.arange(passed)] = 1.0
+        is_identity_filter = np.arange(channels_out) < passed
+        return keras.ops.where(is_identity_filter, keras.ops.cast(identity, kernel.dtype), kernel)
+
+    def get_config(self):
+        return {"seed": self.seed}
+
+
+def _conv_bn_relu(x, filters: int, name: str, pool: bool = False, dirac: bool = False):
     """Conv3x3 -> (MaxPool2) -> BN -> ReLU. Pooling before BN/ReLU, as airbench does, runs
     them at a quarter of the pixels: the same function class, less memory traffic."""
-    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    initializer = DiracInitializer() if dirac else "glorot_uniform"
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=initializer, name=f"{name}_conv")(x)
     if pool:
         x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
     x = FusedBatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
@@ -180,15 +203,20 @@ def _whitening_stem(x, kernel: np.ndarray | None):
 
 
 def build_resnet(
-    spec: InputSpec, widths: Sequence[int], whiten_stem: bool = False, whitening_kernel: np.ndarray | None = None
+    spec: InputSpec,
+    widths: Sequence[int],
+    whiten_stem: bool = False,
+    whitening_kernel: np.ndarray | None = None,
+    dirac_init: bool = False,
 ) -> keras.Model:
     """A ResNet-9-style network (Page's DAWNBench design), scaled by ``widths``.
 
     widths = (stem, stage1, stage2, stage3). With ``whiten_stem``, the stem is instead a frozen
     2x2 conv that whitens pixel patches (``patch_whitening_kernel``, 24 channels for RGB), as in
-    airbench: the first layer starts decorrelated instead of learning it. Each stage is a conv that doubles the channels
-    and halves the resolution by max pooling and, in stages 1 and 3, a residual pair of
-    conv-BN-ReLU. Global max pooling
+    airbench: the first layer starts decorrelated instead of learning it. With ``dirac_init``, the
+    stages' convolutions start as identities on their first filters (DiracInitializer). Each
+    stage is a conv that doubles the channels and halves the resolution by max pooling and, in
+    stages 1 and 3, a residual pair of conv-BN-ReLU. Global max pooling
     and a linear head follow; the logits are scaled by 1/8, which keeps the initial loss
     near ln(num_classes) and lets a large learning rate stay stable.
     """
@@ -197,11 +225,11 @@ def build_resnet(
     images_uint8, x = _normalized_input(spec)
     x = _whitening_stem(x, whitening_kernel) if whiten_stem else _conv_bn_relu(x, widths[0], "stem")
     for stage, filters in enumerate(widths[1:], start=1):
-        x = _conv_bn_relu(x, filters, f"stage{stage}", pool=True)
+        x = _conv_bn_relu(x, filters, f"stage{stage}", pool=True, dirac=dirac_init)
         if stage != 2:  # residual pairs at 16x16 and 4x4, as in ResNet-9
             shortcut = x
-            x = _conv_bn_relu(x, filters, f"stage{stage}_res1")
-            x = _conv_bn_relu(x, filters, f"stage{stage}_res2")
+            x = _conv_bn_relu(x, filters, f"stage{stage}_res1", dirac=dirac_init)
+            x = _conv_bn_relu(x, filters, f"stage{stage}_res2", dirac=dirac_init)
             x = layers.Add(name=f"stage{stage}_add")([shortcut, x])
     x = layers.GlobalMaxPooling2D(name="global_pool")(x)
     x = layers.Rescaling(0.125, name="logit_scale")(x)
@@ -214,13 +242,14 @@ def build_network(
     widths: Sequence[int],
     whiten_stem: bool = False,
     whitening_kernel: np.ndarray | None = None,
+    dirac_init: bool = False,
 ) -> keras.Model:
     """The network named by ``arch`` (one of ARCHITECTURES), uncompiled, logits out.
 
-    ``whiten_stem`` (resnet only; the baseline stays the notebook's network): see build_resnet.
+    ``whiten_stem``, ``dirac_init`` (resnet only; the baseline stays the notebook's network): see build_resnet.
     """
     if arch == "baseline":
         return build_baseline(spec)
     if arch == "resnet":
-        return build_resnet(spec, widths, whiten_stem, whitening_kernel)
+        return build_resnet(spec, widths, whiten_stem, whitening_kernel, dirac_init)
     raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")

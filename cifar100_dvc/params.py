@@ -55,6 +55,9 @@ class TrainParams:
         "resnet's stem is a frozen 2x2 conv whitening pixel patches, set from the train images (airbench), "
         "instead of a learned 3x3 conv of widths[0] channels (baseline ignores it)",
     )
+    dirac_init: bool = _param(
+        True, "resnet's convolutions start as the identity on their first min(in, out) filters (airbench); baseline ignores it"
+    )
     epochs: int = _param(18, "full passes over the train split", ge=1)
     batch_size: int = _param(256, "images per optimizer step", ge=1)
     optimizer: Literal["sgd", "adam", "adamw"] = _param(
@@ -68,6 +71,11 @@ class TrainParams:
     warmup_epochs: float = _param(3.0, "epochs of linear warm-up from 0 to the peak rate", ge=0.0)
     weight_decay: float = _param(
         5e-4, "decoupled weight decay per step, times the learning rate (sgd, adamw; adam takes none)", ge=0.0
+    )
+    bn_bias_lr_scale: float = _param(
+        64.0,
+        "learning-rate multiplier for BatchNorm biases (airbench: 64); sgd only: Adam's steps ignore a gradient's scale",
+        gt=0.0,
     )
     label_smoothing: float = _param(0.2, "cross-entropy label smoothing", ge=0.0, lt=1.0)
     augment: bool = _param(True, "random crop from a padded image and horizontal flip, per batch")

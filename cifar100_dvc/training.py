@@ -84,11 +84,45 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
+def is_batch_norm_bias(variable) -> bool:
+    """Whether ``variable`` is a BatchNormalization layer's learned shift (``beta``)."""
+    return getattr(variable, "path", variable.name).split("/")[-1].split(":")[0] == "beta"
+
+
+@keras.saving.register_keras_serializable(package="cifar100_dvc")
+class BiasScaledSGD(keras.optimizers.SGD):
+    """SGD whose BatchNorm biases step ``bias_lr_scale`` times further than the other weights (airbench: 64).
+
+    Their gradients are multiplied by the scale before the update; for SGD, with or without
+    momentum, that is the same as multiplying their learning rate (the decoupled weight decay,
+    applied to the weights directly, stays the same for all). A BatchNorm shift only moves a
+    ReLU's threshold: a large step on it is safe and lets the thresholds settle in few epochs.
+    """
+
+    def __init__(self, *args, bias_lr_scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bias_lr_scale = bias_lr_scale
+
+    def apply(self, grads, trainable_variables=None):
+        variables = self._trainable_variables if trainable_variables is None else list(trainable_variables)
+        if self.bias_lr_scale != 1.0:
+            grads = [
+                grad * self.bias_lr_scale if grad is not None and is_batch_norm_bias(variable) else grad
+                for grad, variable in zip(grads, variables)
+            ]
+        return super().apply(grads, trainable_variables)
+
+    def get_config(self):
+        return {**super().get_config(), "bias_lr_scale": self.bias_lr_scale}
+
+
 def make_optimizer(params: TrainParams, steps_per_epoch: int, budget_spent=None) -> keras.optimizers.Optimizer:
     """The optimizer of ``params`` with its warm-up + decay learning-rate schedule (see WarmupSchedule).
 
     sgd and adamw decay the weights decoupled from the gradient (by weight_decay times the rate,
     each step); adam is plain Adam, with no decay at all (params refuse it with weight_decay > 0).
+    sgd steps BatchNorm biases ``bn_bias_lr_scale`` times further (BiasScaledSGD); Adam's steps do
+    not depend on a gradient's scale, so adam and adamw take no such factor.
     """
     schedule = WarmupSchedule(
         peak=params.learning_rate,
@@ -98,7 +132,13 @@ def make_optimizer(params: TrainParams, steps_per_epoch: int, budget_spent=None)
         budget_spent=budget_spent,
     )
     if params.optimizer == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=params.momentum, nesterov=True, weight_decay=params.weight_decay or None)
+        return BiasScaledSGD(
+            schedule,
+            momentum=params.momentum,
+            nesterov=True,
+            weight_decay=params.weight_decay or None,
+            bias_lr_scale=params.bn_bias_lr_scale,
+        )
     if params.optimizer == "adamw":
         return keras.optimizers.AdamW(schedule, weight_decay=params.weight_decay)
     check_optimizer(params)  # adam with decay would be AdamW under another name (see check_optimizer)

@@ -202,7 +202,12 @@ def _build_or_resume(params, info, settings, strategy, steps_per_epoch, paths, s
     with strategy.scope():
         budget_spent = keras.Variable(0.0, trainable=False, name="budget_spent") if params.time_budget_minutes else None
         model = build_network(
-            params.arch, input_spec(info), params.widths, params.whiten_stem, whitening_kernel(params, info, paths.prepared_dir)
+            params.arch,
+            input_spec(info),
+            params.widths,
+            params.whiten_stem,
+            whitening_kernel(params, info, paths.prepared_dir),
+            params.dirac_init,
         )
         compile_model(model, params, steps_per_epoch, settings.jit_compile, settings.steps_per_execution, budget_spent)
         if state:

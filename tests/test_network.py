@@ -210,3 +210,15 @@ def test_whitened_stem_is_frozen_and_survives_save_and_load(tmp_path):
     loaded = keras.models.load_model(tmp_path / "whitened.keras")
     np.testing.assert_array_equal(loaded.get_layer("stem_whiten").kernel.numpy(), kernel)
     np.testing.assert_allclose(loaded.predict(images_uint8[:4], verbose=0), model.predict(images_uint8[:4], verbose=0), atol=1e-5)
+
+
+def test_dirac_initializer_passes_the_first_channels_through_and_draws_the_rest():
+    from cifar100_dvc.network import DiracInitializer
+
+    kernel = np.asarray(DiracInitializer(seed=3)((3, 3, 4, 6)))
+    images = np.random.default_rng(0).normal(size=(2, 5, 5, 4)).astype(np.float32)
+    outputs = tf.nn.conv2d(images, kernel, strides=1, padding="SAME").numpy()
+    np.testing.assert_allclose(outputs[..., :4], images, atol=1e-6)  # filters 0-3: identity on channels 0-3
+    assert np.abs(kernel[..., 4:]).sum() > 0 and not np.allclose(outputs[..., 4:], 0)  # filters 4-5: random
+    config = keras.initializers.serialize(DiracInitializer(seed=3))
+    np.testing.assert_array_equal(np.asarray(keras.initializers.deserialize(config)((3, 3, 4, 6))), kernel)

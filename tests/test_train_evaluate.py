@@ -333,3 +333,24 @@ def test_mirrored_training_over_two_logical_cpus_learns(prepared, tiny_train):
     # one-device one (and 60 val images are too few to compare two trajectories); it must learn.
     assert epochs[-1]["loss"] < 0.9 * epochs[0]["loss"]
     assert epochs[-1]["val_accuracy"] > 0.15  # 20 classes: chance is 0.05
+
+
+def test_batch_norm_biases_step_scale_times_further_and_other_weights_as_usual():
+    from cifar100_dvc.training import BiasScaledSGD, is_batch_norm_bias
+
+    def one_step(scale: float) -> tuple[keras.Model, list[np.ndarray]]:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((4,))
+        model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.BatchNormalization()(keras.layers.Dense(5)(inputs))))
+        before = [w.numpy().copy() for w in model.trainable_weights]
+        model.compile(optimizer=BiasScaledSGD(0.01, momentum=0.9, nesterov=True, bias_lr_scale=scale), loss="mse")
+        model.train_on_batch(np.random.default_rng(0).normal(size=(8, 4)), np.ones((8, 3)))
+        return model, [w.numpy() - b for w, b in zip(model.trainable_weights, before)]
+
+    model, plain = one_step(1.0)
+    _, scaled = one_step(64.0)
+    flags = [is_batch_norm_bias(w) for w in model.trainable_weights]
+    assert flags.count(True) == 1  # the one BatchNormalization's beta
+    for is_bias, step, scaled_step in zip(flags, plain, scaled):
+        np.testing.assert_allclose(scaled_step, 64.0 * step if is_bias else step, rtol=1e-4, atol=1e-7)
+    assert keras.optimizers.deserialize(keras.optimizers.serialize(BiasScaledSGD(0.1, bias_lr_scale=8.0))).bias_lr_scale == 8.0
