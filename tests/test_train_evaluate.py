@@ -176,8 +176,8 @@ def test_batch_larger_than_the_train_split_is_refused(prepared, tiny_train):
 @pytest.mark.parametrize(
     ("optimizer", "weight_decay", "expected_class", "expected_decay"),
     [
-        ("sgd", 5e-4, keras.optimizers.SGD, 5e-4),
-        ("sgd", 0.0, keras.optimizers.SGD, None),
+        ("sgd", 5e-4, training.BiasScaledSGD, 5e-4),
+        ("sgd", 0.0, training.BiasScaledSGD, None),
         ("adamw", 5e-4, keras.optimizers.AdamW, 5e-4),
         ("adam", 0.0, keras.optimizers.Adam, None),
     ],
@@ -187,6 +187,8 @@ def test_each_optimizer_choice_is_its_own_optimizer(optimizer, weight_decay, exp
     made = training.make_optimizer(params, steps_per_epoch=10)
     assert type(made) is expected_class  # exact: AdamW subclasses Adam
     assert made.weight_decay == (pytest.approx(expected_decay) if expected_decay else None)
+    if optimizer == "sgd":
+        assert made.bias_lr_scale == params.bn_bias_lr_scale and made.nesterov
 
 
 def test_adam_with_weight_decay_is_refused_even_when_params_were_not_parsed():
