@@ -51,12 +51,12 @@ class TrainParams:
     arch: Literal["resnet", "baseline"] = _param("resnet", "network: resnet (default) or baseline (the notebook's CNN)")
     widths: tuple[int, ...] = _param((16, 32, 64, 128), "resnet channel widths: stem, stage 1, 2, 3 (baseline ignores them)")
     whiten_stem: bool = _param(
-        True,
+        False,
         "resnet's stem is a frozen 2x2 conv whitening pixel patches, set from the train images (airbench), "
         "instead of a learned 3x3 conv of widths[0] channels (baseline ignores it)",
     )
     dirac_init: bool = _param(
-        True, "resnet's convolutions start as the identity on their first min(in, out) filters (airbench); baseline ignores it"
+        False, "resnet's convolutions start as the identity on their first min(in, out) filters (airbench); baseline ignores it"
     )
     epochs: int = _param(18, "full passes over the train split", ge=1)
     batch_size: int = _param(256, "images per optimizer step", ge=1)
@@ -73,7 +73,7 @@ class TrainParams:
         5e-4, "decoupled weight decay per step, times the learning rate (sgd, adamw; adam takes none)", ge=0.0
     )
     bn_bias_lr_scale: float = _param(
-        64.0,
+        1.0,
         "learning-rate multiplier for BatchNorm biases (airbench: 64); sgd only: Adam's steps ignore a gradient's scale",
         gt=0.0,
     )
@@ -81,7 +81,7 @@ class TrainParams:
     augment: bool = _param(True, "random crop from a padded image and horizontal flip, per batch")
     crop_padding: int = _param(4, "pixels of padding around the image for the random crop", ge=0)
     crop_fill: Literal["zeros", "reflect"] = _param(
-        "reflect", "what the crop's padding holds: black, or the image reflected at its edge (no artificial edge)"
+        "zeros", "what the crop's padding holds: black, or the image reflected at its edge (no artificial edge)"
     )
     seed: int = _param(0, "seed of weights, shuffling and augmentation", ge=0)
     shuffle_buffer: int = _param(50000, "shuffle buffer, in examples (>= train size: a full shuffle)", ge=1)

@@ -356,3 +356,20 @@ def test_batch_norm_biases_step_scale_times_further_and_other_weights_as_usual()
     for is_bias, step, scaled_step in zip(flags, plain, scaled):
         np.testing.assert_allclose(scaled_step, 64.0 * step if is_bias else step, rtol=1e-4, atol=1e-7)
     assert keras.optimizers.deserialize(keras.optimizers.serialize(BiasScaledSGD(0.1, bias_lr_scale=8.0))).bias_lr_scale == 8.0
+
+
+def test_airbench_switches_train_end_to_end_and_the_model_reloads(prepared, tiny_train):
+    # Whitened stem (its kernel from the prepared train images), dirac init, 64x BatchNorm-bias
+    # steps and reflect-filled crops, all on: the stage trains, learns, and saves a model that
+    # loads and predicts as the trained one did.
+    recipe = dataclasses.replace(
+        tiny_train, epochs=4, warmup_epochs=1.0, whiten_stem=True, dirac_init=True, bn_bias_lr_scale=64.0, crop_fill="reflect"
+    )
+    summary = train.run(recipe, prepared)
+    assert summary["epochs"][-1]["val_accuracy"] > 0.3  # 20 classes: chance is 0.05 (0.8+ seen)
+    model = load_model(prepared.model_file)
+    stem = model.get_layer("stem_whiten")
+    assert not stem.trainable and stem.kernel.shape == (2, 2, 3, 24) and np.abs(stem.kernel.numpy()).max() > 1.0
+    images_uint8, labels = read_arrays(prepared.prepared_dir, "val")
+    accuracy = float(np.mean(predict_probabilities(model, images_uint8, 64, tta_flip=False).argmax(axis=1) == labels))
+    assert accuracy == pytest.approx(summary["epochs"][-1]["val_accuracy"], abs=0.02)
