@@ -2,7 +2,8 @@
 
 One home for what the evaluate and export stages and the predict tool share: ``load_model``
 (Keras' safe mode; a file that is not this project's model is refused with one line saying why)
-and ``predict_probabilities`` (softmax of the logits, optionally averaged over mirrored and shifted views).
+and ``predict_probabilities`` / ``predict_with_views`` (softmax of the logits, optionally averaged over mirrored
+and shifted views).
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ def shifted_views(images_uint8: np.ndarray, pixels: int) -> tuple[np.ndarray, np
     return padded[:, :height, :width], padded[:, 2 * p : 2 * p + height, 2 * p : 2 * p + width]
 
 
-def predict_probabilities(model, images_uint8: np.ndarray, batch_size: int, tta_flip: bool, tta_translate: int = 0) -> np.ndarray:
-    """Class probabilities [N, C], averaged over test-time views of each image.
+def predict_with_views(
+    model, images_uint8: np.ndarray, batch_size: int, tta_flip: bool, tta_translate: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(class probabilities [N, C] averaged over test-time views, those of the image as it is).
 
     ``tta_flip``: each image and its mirror, equally. ``tta_translate`` (pixels, 0: off): half
     the weight to the image as is, a quarter to each of two copies shifted diagonally by that
@@ -44,16 +47,21 @@ def predict_probabilities(model, images_uint8: np.ndarray, batch_size: int, tta_
     def one_view(images: np.ndarray) -> np.ndarray:
         return softmax(model.predict(images, batch_size=batch_size, verbose=0).astype(np.float64))
 
-    def with_mirror(images: np.ndarray) -> np.ndarray:
-        if not tta_flip:
-            return one_view(images)
-        return (one_view(images) + one_view(np.ascontiguousarray(images[:, :, ::-1]))) / 2.0
+    def with_mirror(images: np.ndarray, as_is: np.ndarray | None = None) -> np.ndarray:
+        as_is = one_view(images) if as_is is None else as_is
+        return (as_is + one_view(np.ascontiguousarray(images[:, :, ::-1]))) / 2.0 if tta_flip else as_is
 
-    probabilities = with_mirror(images_uint8)
+    single = one_view(images_uint8)
+    probabilities = with_mirror(images_uint8, single)
     if tta_translate:
-        up_left, down_right = shifted_views(images_uint8, tta_translate)
-        probabilities = 0.5 * probabilities + 0.25 * (with_mirror(up_left) + with_mirror(down_right))
-    return probabilities
+        down_right, up_left = shifted_views(images_uint8, tta_translate)
+        probabilities = 0.5 * probabilities + 0.25 * (with_mirror(down_right) + with_mirror(up_left))
+    return probabilities, single
+
+
+def predict_probabilities(model, images_uint8: np.ndarray, batch_size: int, tta_flip: bool, tta_translate: int = 0) -> np.ndarray:
+    """Class probabilities [N, C], averaged over the test-time views of ``predict_with_views``."""
+    return predict_with_views(model, images_uint8, batch_size, tta_flip, tta_translate)[0]
 
 
 def load_model(model_file: Path):

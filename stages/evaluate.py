@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar100_dvc.common import StageError, atomic_output, run_main
-from cifar100_dvc.inference import load_model, predict_probabilities
+from cifar100_dvc.inference import load_model, predict_with_views
 from cifar100_dvc.params import EvaluateParams, load_params
 from cifar100_dvc.paths import ProjectPaths
 from cifar100_dvc.records import DatasetInfo, read_arrays
@@ -195,15 +195,11 @@ def plot_samples(
 
 def split_metrics(model, images_uint8, labels, params: EvaluateParams, num_classes: int, paths: ProjectPaths):
     """(metrics of one split with the configured test-time views plus its one-view accuracy, the probabilities)."""
-    probabilities = predict_probabilities(model, images_uint8, params.batch_size, params.tta_flip, params.tta_translate)
+    probabilities, single = predict_with_views(model, images_uint8, params.batch_size, params.tta_flip, params.tta_translate)
     if probabilities.shape[1] != num_classes:
         raise StageError(f"{paths.model_file} predicts {probabilities.shape[1]} classes but the data has {num_classes}: retrain")
     metrics = compute_metrics(probabilities, labels)
-    if params.tta_flip or params.tta_translate:  # what the extra views buy, from the same model
-        single = predict_probabilities(model, images_uint8, params.batch_size, tta_flip=False)
-        metrics["single_view_accuracy"] = compute_metrics(single, labels)["accuracy"]
-    else:
-        metrics["single_view_accuracy"] = metrics["accuracy"]
+    metrics["single_view_accuracy"] = compute_metrics(single, labels)["accuracy"]  # what the extra views buy
     return metrics, probabilities
 
 

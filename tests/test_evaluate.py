@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from cifar100_dvc.inference import predict_probabilities, shifted_views, softmax
+from cifar100_dvc.inference import predict_probabilities, predict_with_views, shifted_views, softmax
 from stages.evaluate import (
     class_accuracy,
     compute_metrics,
@@ -108,5 +108,7 @@ def test_test_time_views_are_weighted_as_airbench_weights_them():
 
     down_right, up_left = shifted_views(images, 1)
     expected = 0.5 * mirrored_pair(images) + 0.25 * mirrored_pair(down_right) + 0.25 * mirrored_pair(up_left)
-    np.testing.assert_allclose(predict_probabilities(model, images, 2, tta_flip=True, tta_translate=1), expected)
+    averaged, as_is = predict_with_views(model, images, 2, tta_flip=True, tta_translate=1)
+    np.testing.assert_allclose(averaged, expected)
+    np.testing.assert_allclose(as_is, one)  # evaluate's single_view_accuracy, from the same pass
     assert not np.allclose(expected, one)  # the views do change the answer here
