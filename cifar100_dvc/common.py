@@ -9,8 +9,10 @@ import glob
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -34,11 +36,46 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
+# Ctrl-C seen by run_main's handler. Process-wide because signals are: Python drops the
+# KeyboardInterrupt a handler raises while a finalizer (``__del__``, a TensorFlow object's
+# cleanup) happens to be running, and training would then go on to the end as if nothing came.
+_interrupt_received = threading.Event()
+
+
+def _interrupt(signum, frame):
+    _interrupt_received.set()
+    raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C came during run_main but its exception was swallowed;
+    long loops call it at safe points (training: after every step)."""
+    if _interrupt_received.is_set():
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupt_remembered() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    _interrupt_received.clear()
+    previous = signal.signal(signal.SIGINT, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _interrupt_received.clear()  # nothing pending once the stage is over
+
+
 def run_main(stage_name: str, body: Callable[[], None]) -> None:
-    """Run a stage's body; a StageError or an I/O error becomes one ``error:`` line and exit status 1."""
+    """Run a stage's body; a StageError or an I/O error becomes one ``error:`` line and exit status 1,
+    Ctrl-C one line and exit status 130 (also when a finalizer swallowed its exception)."""
     setup_logging()
     try:
-        body()
+        with _interrupt_remembered():
+            body()
+            raise_if_interrupted()
         return
     except StageError as error:
         message, status = one_line(error), 1

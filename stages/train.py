@@ -25,7 +25,7 @@ import keras
 import tensorflow as tf
 
 from cifar100_dvc import hardware
-from cifar100_dvc.common import StageError, atomic_output, remove_path, run_main
+from cifar100_dvc.common import StageError, atomic_output, raise_if_interrupted, remove_path, run_main
 from cifar100_dvc.network import build_network
 from cifar100_dvc.params import TrainParams, load_params, to_dict
 from cifar100_dvc.paths import ProjectPaths
@@ -82,6 +82,7 @@ class TrainingClock(keras.callbacks.Callback):
             self.budget_spent.assign(min(1.0, self.seconds() / self.budget_seconds))
 
     def on_train_batch_end(self, batch, logs=None):
+        raise_if_interrupted()  # a Ctrl-C whose exception a finalizer swallowed still stops training here
         self.steps_in_epoch = batch + 1  # `batch` is the last step of the call (steps_per_execution)
         if self.budget_seconds is not None and self.seconds() >= self.budget_seconds:
             self.exhausted = True

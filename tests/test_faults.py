@@ -205,6 +205,32 @@ def test_run_main_reports_an_interrupt_truthfully_and_keeps_the_output(tmp_path,
     assert (final / "dataset.json").read_text() == "previous" and siblings(final) == ["prepared"]
 
 
+def test_a_ctrl_c_whose_exception_a_finalizer_swallowed_still_stops_the_stage(capsys):
+    import signal
+    import time
+
+    from cifar100_dvc.common import raise_if_interrupted, run_main
+
+    steps_after_ctrl_c = []
+
+    def body() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C ...
+            time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass  # ... whose exception is dropped, as Python drops one raised inside a __del__
+        for step in range(3):  # training goes on, and stops at its next step
+            raise_if_interrupted()
+            steps_after_ctrl_c.append(step)
+
+    with pytest.raises(SystemExit) as exited:
+        run_main("train", body)
+    assert exited.value.code == 130 and steps_after_ctrl_c == []
+    assert capsys.readouterr().err.splitlines() == ["error: train: interrupted; outputs not yet finished were left as they were"]
+    assert getattr(signal.getsignal(signal.SIGINT), "__name__", None) != "_interrupt"  # the previous handler is back
+    raise_if_interrupted()  # and nothing is left pending after the stage
+
+
 def test_a_killed_run_s_staging_folder_is_cleared_by_the_next_run(tmp_path):
     from cifar100_dvc.common import atomic_output
 
