@@ -152,6 +152,7 @@ def run(params: TrainParams, paths: ProjectPaths) -> dict:
     """Train, write the model and history atomically, and return the history summary."""
     info = DatasetInfo.read(paths.prepared_dir)
     steps_per_epoch = _steps_per_epoch(params, info, paths)
+    _check_crop(params, info, paths)
     settings = device_settings_here(params)
     machine = hardware.machine_report()
     log.info("machine: %s", machine.describe())
@@ -195,6 +196,17 @@ def _steps_per_epoch(params: TrainParams, info: DatasetInfo, paths: ProjectPaths
     if num_train < params.batch_size:
         raise StageError(f"train.batch_size={params.batch_size} exceeds the {num_train} train examples in {paths.prepared_dir}")
     return num_train // params.batch_size
+
+
+def _check_crop(params: TrainParams, info: DatasetInfo, paths: ProjectPaths) -> None:
+    """A reflected border must come from inside the image: refuse, before any training, a padding
+    TensorFlow's reflect would fail on mid-run (params alone cannot know the image size)."""
+    height, width = info.image_shape[:2]
+    if params.augment and params.crop_fill == "reflect" and params.crop_padding >= min(height, width):
+        raise StageError(
+            f"train.crop_padding={params.crop_padding} with train.crop_fill=reflect must be below the "
+            f"{height}x{width} images in {paths.prepared_dir}"
+        )
 
 
 def _build_or_resume(params, info, settings, strategy, steps_per_epoch, paths, state):

@@ -173,6 +173,14 @@ def test_batch_larger_than_the_train_split_is_refused(prepared, tiny_train):
     assert not paths.model_file.exists()
 
 
+def test_reflected_crop_padding_as_large_as_the_image_is_refused_before_training(prepared, tiny_train):
+    paths = prepared
+    image_size = DatasetInfo.read(paths.prepared_dir).image_shape[0]
+    with pytest.raises(StageError, match=f"train.crop_padding={image_size} with train.crop_fill=reflect must be below"):
+        train.run(dataclasses.replace(tiny_train, crop_fill="reflect", crop_padding=image_size), paths)
+    assert not paths.model_file.exists()
+
+
 @pytest.mark.parametrize(
     ("optimizer", "weight_decay", "expected_class", "expected_decay"),
     [
