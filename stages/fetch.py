@@ -54,6 +54,9 @@ def check_dataset(dataset_dict, dataset: str) -> None:
             raise StageError(f"dataset {dataset!r}, split {split!r} is empty")
 
 
+_QUEUED_COPY = "/.dvc/tmp/exps/"  # where `dvc exp run --queue` runs a copy of the repository
+
+
 def local_directory(dataset: str, root: Path) -> Path | None:
     """The local directory ``dataset`` names (a relative one taken from ``root``), or None for a hub id.
 
@@ -64,6 +67,8 @@ def local_directory(dataset: str, root: Path) -> Path | None:
     given = Path(dataset).expanduser()
     path = root / given  # an absolute path stays itself
     where = "" if given.is_absolute() else f" (looked for {path}: a relative path is taken from the project root)"
+    if where and _QUEUED_COPY in root.as_posix():
+        where = where[:-1] + ", which for a queued experiment is a temporary copy: give an absolute path)"
     if path.is_dir():
         return path
     if path.exists():

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from tools.seeds import format_table, runs_of, summarize
+from tools.seeds import anchored, format_table, runs_of, summarize
 
 
 def experiment(name: str, accuracy: float | None, val_accuracy: float = 0.8, seconds: float = 100.0) -> dict:
@@ -64,3 +64,24 @@ def test_table_shows_val_unless_the_test_is_asked_for():
     assert "88.00% ± 2.83" in with_test and "test accuracy" in with_test
     single = format_table(summarize(runs_of(exp_show(experiment("c-s3", 0.9, 0.75)))))
     assert "| c | 3 | 75.00% |" in single
+
+
+def test_a_relative_dataset_directory_is_made_absolute_for_the_queue_and_hub_ids_are_left_alone(tmp_path):
+    # Queued runs start in .dvc/tmp/exps/<copy>: "../datasets/x" would point elsewhere there.
+    root = tmp_path / "project"
+    (root / "data" / "copy").mkdir(parents=True)
+    overrides = [
+        "fetch.dataset=../datasets/cifar10",
+        "train.epochs=3",
+        "prepare.label=label",
+    ]
+    assert anchored(overrides, root) == [
+        f"fetch.dataset={tmp_path / 'datasets' / 'cifar10'}",
+        "train.epochs=3",
+        "prepare.label=label",
+    ]
+    assert anchored(["fetch.dataset=data/copy"], root) == [f"fetch.dataset={root / 'data' / 'copy'}"]
+    assert anchored(["fetch.dataset=uoft-cs/cifar10", "fetch.dataset=/abs/copy"], root) == [
+        "fetch.dataset=uoft-cs/cifar10",
+        "fetch.dataset=/abs/copy",
+    ]

@@ -50,6 +50,16 @@ def test_missing_local_directory_is_named(tmp_path, hub_dataset):
     assert not (root / "data" / "raw").exists()
 
 
+def test_a_queued_experiment_is_told_to_give_an_absolute_dataset_path(tmp_path, hub_dataset):
+    # `dvc exp run --queue` runs in .dvc/tmp/exps/<copy>, where "../" points somewhere else.
+    root = make_project(tmp_path / "project" / ".dvc" / "tmp" / "exps" / "tmpq1", hub_dataset, **{"fetch.dataset": "../copy"})
+    assert_one_line_error(
+        run_stage(root, "fetch"),
+        f"fetch.dataset '../copy': no such directory (looked for {root / '..' / 'copy'}: a relative path is taken from "
+        "the project root, which for a queued experiment is a temporary copy: give an absolute path)",
+    )
+
+
 def test_missing_relative_directory_is_named_where_it_was_looked_for(tmp_path, hub_dataset):
     root = make_project(tmp_path / "project", hub_dataset, **{"fetch.dataset": "./data/copy"})
     assert_one_line_error(

@@ -4,7 +4,8 @@
     python -m tools.seeds show [NAME ...] [--test] [--json]
 
 ``queue`` adds one DVC experiment per seed, named ``NAME-s<seed>``, with ``-S train.seed=<seed>``
-and the given overrides (``dvc exp run --queue``); ``--start`` starts one queue worker (one run
+and the given overrides (``dvc exp run --queue``; a relative ``fetch.dataset`` directory is made
+absolute, since queued runs start in a temporary copy of the repository); ``--start`` starts one queue worker (one run
 at a time, so each run's training time is its own), ``--wait`` blocks until they are done and
 exits 1 if one failed. ``show`` groups the finished experiments that ``dvc exp show --all-commits``
 lists (on any commit: compare recipes only across code you trust to be equivalent) by ``NAME``
@@ -139,12 +140,32 @@ def format_table(summary: dict[str, dict], with_test: bool = False) -> str:
 # ---------------------------------------------------------------- commands
 
 
+LOCAL_PATH_PARAMS = ("fetch.dataset",)  # params that may name a directory relative to the project root
+
+
+def anchored(overrides: list[str], root: Path) -> list[str]:
+    """``overrides`` with a relative local directory in ``fetch.dataset`` made absolute from ``root``.
+
+    A queued experiment runs in a temporary copy of the repository (under .dvc/tmp/exps), where
+    ``../shared/...`` no longer points at the same place; hub ids (``owner/name``) stay as given.
+    """
+    result = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if key in LOCAL_PATH_PARAMS and sep:
+            path = Path(value).expanduser()
+            if not path.is_absolute() and (value.startswith(("./", "../")) or (root / path).is_dir()):
+                value = str((root / path).resolve())
+        result.append(f"{key}{sep}{value}")
+    return result
+
+
 def queue(root: Path, recipe: str, seeds: list[int], overrides: list[str]) -> list[str]:
-    """Queue one experiment per seed; return their names."""
+    """Queue one experiment per seed (a relative dataset directory made absolute, see ``anchored``); return their names."""
     names = []
     for seed in seeds:
         name = f"{recipe}-s{seed}"
-        settings = [arg for override in overrides for arg in ("-S", override)]
+        settings = [arg for override in anchored(overrides, root) for arg in ("-S", override)]
         dvc(root, "exp", "run", "--queue", "-n", name, *settings, "-S", f"train.seed={seed}")
         names.append(name)
     return names
