@@ -66,9 +66,10 @@ def local_directory(dataset: str, root: Path) -> Path | None:
     """
     given = Path(dataset).expanduser()
     path = root / given  # an absolute path stays itself
-    where = "" if given.is_absolute() else f" (looked for {path}: a relative path is taken from the project root)"
-    if where and _QUEUED_COPY in root.as_posix():
-        where = where[:-1] + ", which for a queued experiment is a temporary copy: give an absolute path)"
+    rule = "a relative path is taken from the project root"
+    if _QUEUED_COPY in root.as_posix():
+        rule += ", which for a queued experiment is a temporary copy: give an absolute path"
+    where = "" if given.is_absolute() else f" (looked for {path}: {rule})"
     if path.is_dir():
         return path
     if path.exists():

@@ -274,8 +274,8 @@ def make_model(work: Workload, recipe: ModelRecipe):
             model = build_baseline(spec, batch_norm=keras.layers.BatchNormalization)
             jit_compile, steps_per_execution = False, 1
         else:
-            kernel = training.whitening_kernel(recipe.settings, work.info, work.paths.prepared_dir)
             settings = recipe.settings
+            kernel = training.whitening_kernel(settings, work.info, work.paths.prepared_dir)
             model = build_network(recipe.arch, spec, settings.widths, settings.whiten_stem, kernel, settings.dirac_init)
             jit_compile, steps_per_execution = work.device.jit_compile, work.device.steps_per_execution
         training.compile_model(model, recipe.settings, steps_per_epoch, jit_compile, steps_per_execution)

@@ -29,6 +29,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from cifar100_dvc.common import StageError
+from stages.fetch import local_directory
+
 SEED_SUFFIX = re.compile(r"^(?P<recipe>.+)-s(?P<seed>\d+)$")
 # (column, file, key path): what a recipe's row reports, val first (recipes are chosen on val).
 COLUMNS = (
@@ -140,22 +143,23 @@ def format_table(summary: dict[str, dict], with_test: bool = False) -> str:
 # ---------------------------------------------------------------- commands
 
 
-LOCAL_PATH_PARAMS = ("fetch.dataset",)  # params that may name a directory relative to the project root
-
-
 def anchored(overrides: list[str], root: Path) -> list[str]:
     """``overrides`` with a relative local directory in ``fetch.dataset`` made absolute from ``root``.
 
     A queued experiment runs in a temporary copy of the repository (under .dvc/tmp/exps), where
-    ``../shared/...`` no longer points at the same place; hub ids (``owner/name``) stay as given.
+    ``../shared/...`` no longer points at the same place. What counts as a local directory is
+    fetch's own rule (``local_directory``); hub ids (``owner/name``) stay as given, and a path
+    that names no directory is made absolute too, so the queued fetch names where it looked.
     """
     result = []
     for override in overrides:
         key, sep, value = override.partition("=")
-        if key in LOCAL_PATH_PARAMS and sep:
-            path = Path(value).expanduser()
-            if not path.is_absolute() and (value.startswith(("./", "../")) or (root / path).is_dir()):
-                value = str((root / path).resolve())
+        if key == "fetch.dataset" and sep:
+            try:
+                directory = local_directory(value, root)
+            except StageError:  # meant as a directory, but missing: fetch will say so, with the full path
+                directory = root / Path(value).expanduser()
+            value = str(directory.resolve()) if directory is not None else value
         result.append(f"{key}{sep}{value}")
     return result
 
@@ -163,9 +167,9 @@ def anchored(overrides: list[str], root: Path) -> list[str]:
 def queue(root: Path, recipe: str, seeds: list[int], overrides: list[str]) -> list[str]:
     """Queue one experiment per seed (a relative dataset directory made absolute, see ``anchored``); return their names."""
     names = []
+    settings = [arg for override in anchored(overrides, root) for arg in ("-S", override)]
     for seed in seeds:
         name = f"{recipe}-s{seed}"
-        settings = [arg for override in anchored(overrides, root) for arg in ("-S", override)]
         dvc(root, "exp", "run", "--queue", "-n", name, *settings, "-S", f"train.seed={seed}")
         names.append(name)
     return names
