@@ -1,12 +1,16 @@
 """Every artifact path of the pipeline, declared once and anchored to the repository root.
 
 ``dvc.yaml`` names the same paths; ``tests/test_dvc_yaml.py`` checks that the two agree.
+``local_directory`` says whether ``fetch.dataset`` names a local directory (fetch and the seeds
+tool both decide it here).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from cifar100_dvc.common import StageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,3 +95,28 @@ STAGE_INPUTS = {
     "evaluate": ("model_file", "history_file", "prepared_dir"),
     "export": ("model_file",),
 }
+
+
+_QUEUED_COPY = "/.dvc/tmp/exps/"  # where `dvc exp run --queue` runs a copy of the repository
+
+
+def local_directory(dataset: str, root: Path) -> Path | None:
+    """The local directory ``dataset`` names (a relative one taken from ``root``), or None for a hub id.
+
+    What exists under ``root`` is local. What does not is a hub id if shaped like one (``name`` or
+    ``owner/name``); anything else (``./``, ``../``, ``/``, ``~``, a trailing ``/``, a second ``/``)
+    was meant as a directory, and is refused as missing rather than sent to the hub.
+    """
+    given = Path(dataset).expanduser()
+    path = root / given  # an absolute path stays itself
+    rule = "a relative path is taken from the project root"
+    if _QUEUED_COPY in root.as_posix():
+        rule += ", which for a queued experiment is a temporary copy: give an absolute path"
+    where = "" if given.is_absolute() else f" (looked for {path}: {rule})"
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise StageError(f"fetch.dataset {dataset!r} is a file{where}; give a hub id or a directory")
+    if dataset.startswith(("/", "./", "../", "~")) or dataset.endswith("/") or dataset.count("/") > 1:
+        raise StageError(f"fetch.dataset {dataset!r}: no such directory{where}")
+    return None

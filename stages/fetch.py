@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cifar100_dvc.common import StageError, atomic_output, is_write_failure, one_line, run_main
 from cifar100_dvc.params import FetchParams, load_params
-from cifar100_dvc.paths import ProjectPaths
+from cifar100_dvc.paths import ProjectPaths, local_directory
 
 log = logging.getLogger(__name__)
 
@@ -52,31 +52,6 @@ def check_dataset(dataset_dict, dataset: str) -> None:
             )
         if dataset_dict[split].num_rows == 0:
             raise StageError(f"dataset {dataset!r}, split {split!r} is empty")
-
-
-_QUEUED_COPY = "/.dvc/tmp/exps/"  # where `dvc exp run --queue` runs a copy of the repository
-
-
-def local_directory(dataset: str, root: Path) -> Path | None:
-    """The local directory ``dataset`` names (a relative one taken from ``root``), or None for a hub id.
-
-    What exists under ``root`` is local. What does not is a hub id if shaped like one (``name`` or
-    ``owner/name``); anything else (``./``, ``../``, ``/``, ``~``, a trailing ``/``, a second ``/``)
-    was meant as a directory, and is refused as missing rather than sent to the hub.
-    """
-    given = Path(dataset).expanduser()
-    path = root / given  # an absolute path stays itself
-    rule = "a relative path is taken from the project root"
-    if _QUEUED_COPY in root.as_posix():
-        rule += ", which for a queued experiment is a temporary copy: give an absolute path"
-    where = "" if given.is_absolute() else f" (looked for {path}: {rule})"
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise StageError(f"fetch.dataset {dataset!r} is a file{where}; give a hub id or a directory")
-    if dataset.startswith(("/", "./", "../", "~")) or dataset.endswith("/") or dataset.count("/") > 1:
-        raise StageError(f"fetch.dataset {dataset!r}: no such directory{where}")
-    return None
 
 
 def load(params: FetchParams, local: Path | None, local_cache_dir: Path):

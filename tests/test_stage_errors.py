@@ -88,7 +88,7 @@ def test_relative_local_directory_is_taken_from_the_project_root_not_the_working
 @pytest.mark.parametrize("dataset", ["./data/copy", "../copy", "data/copy/", "data/sets/copy", "~/no-such-dataset-dir"])
 def test_a_missing_path_is_never_taken_for_a_hub_id(tmp_path, dataset):
     from cifar100_dvc.common import StageError
-    from stages.fetch import local_directory
+    from cifar100_dvc.paths import local_directory
 
     with pytest.raises(StageError, match=f"^fetch.dataset '{re.escape(dataset)}': no such directory"):
         local_directory(dataset, tmp_path)
@@ -96,7 +96,7 @@ def test_a_missing_path_is_never_taken_for_a_hub_id(tmp_path, dataset):
 
 @pytest.mark.parametrize("dataset", ["cifar100", "uoft-cs/cifar100", "data/copy"])
 def test_a_hub_shaped_name_is_local_only_if_it_exists_under_the_root(tmp_path, dataset):
-    from stages.fetch import local_directory
+    from cifar100_dvc.paths import local_directory
 
     assert local_directory(dataset, tmp_path) is None
     (tmp_path / dataset).mkdir(parents=True)

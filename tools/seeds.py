@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cifar100_dvc.common import StageError
-from stages.fetch import local_directory
+from cifar100_dvc.paths import local_directory
 
 SEED_SUFFIX = re.compile(r"^(?P<recipe>.+)-s(?P<seed>\d+)$")
 # (column, file, key path): what a recipe's row reports, val first (recipes are chosen on val).
