@@ -58,3 +58,21 @@ def crop_and_flip(images: tf.Tensor, seed: tf.Tensor, padding: int, fill: str = 
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
     batch = tf.shape(images)[0]
     return _window(images, padding, _offsets(batch, crop_seed, padding), _coin(batch, flip_seed), fill)
+
+
+def crop_and_mirror(images: tf.Tensor, seed: tf.Tensor, padding: int, mirrored: tf.Tensor, fill: str = "reflect") -> tf.Tensor:
+    """Random crop as ``random_crop``, each image mirrored where ``mirrored`` [B] says (see ``alternating_flips``)."""
+    return _window(images, padding, _offsets(tf.shape(images)[0], seed, padding), mirrored, fill)
+
+
+def alternating_flips(example_ids: tf.Tensor, stream_positions: tf.Tensor, base_flips: tf.Tensor, num_examples: int) -> tf.Tensor:
+    """airbench's alternating flip: whether each image is mirrored, [B] bool.
+
+    Every example has one random orientation for the whole run (``base_flips`` [N], indexed by
+    ``example_ids`` [B]), inverted on every other pass over the data: its pass is its position
+    in the stream of examples (``stream_positions`` [B]) divided by ``num_examples``. So each
+    pair of consecutive passes shows every image once as it is and once mirrored, which gives
+    more variety than drawing a fresh coin every time.
+    """
+    odd_pass = tf.math.floormod(stream_positions // num_examples, 2) == 1
+    return tf.not_equal(tf.gather(base_flips, example_ids), odd_pass)

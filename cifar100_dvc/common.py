@@ -31,8 +31,7 @@ def one_line(text: object) -> str:
 
 
 def setup_logging() -> None:
-    """Plain ``LEVEL name: message`` lines on stderr; quiet TensorFlow's C++ start-up chatter."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Plain ``LEVEL name: message`` lines on stderr (TensorFlow's C++ logging is quieted at import: cifar100_dvc/__init__.py)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 

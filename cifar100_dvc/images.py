@@ -1,5 +1,6 @@
-"""Images: pure normalization shared by ``prepare`` and ``predict`` (any PIL image -> 32x32 RGB uint8),
-and which column of a dataset holds them (``prepare`` and the benchmark)."""
+"""Images: pure normalization shared by ``prepare`` and ``predict`` (any PIL image -> a square of
+``prepare.image_size`` RGB uint8 pixels, 32 by default), and which column of a dataset holds them
+(``prepare`` and the benchmark)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ from PIL import Image, UnidentifiedImageError
 
 from cifar100_dvc.common import StageError
 
-IMAGE_SIZE = 32  # CIFAR's side, in pixels
-IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
+IMAGE_SIZE = 32  # CIFAR's side, in pixels: prepare.image_size's default
 
 # Largest image decoded (width x height), checked from the header before any pixel is decoded.
-# Every image ends up 32x32, so detail beyond a few megapixels is thrown away anyway; 5000x5000
+# Every image ends up a small square, so detail beyond a few megapixels is thrown away anyway; 5000x5000
 # keeps any real photo (a 24 Mpx camera frame is 6000x4000) while bounding the memory of one
 # decode at ~75 MB (RGB) to ~200 MB (16-bit modes go through float64). Pillow's own guard
 # (Image.MAX_IMAGE_PIXELS, ~89 Mpx) is process-global and far larger; we leave it alone.
@@ -47,11 +47,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def to_rgb_uint8(image: Image.Image, size: int = IMAGE_SIZE) -> tuple[np.ndarray, bool]:
-    """(pixels of shape (size, size, 3), uint8; whether a resize was needed)."""
+    """(pixels of shape (size, size, 3), uint8; whether a resize was needed).
+
+    An image of another size is resized so that its shorter side is ``size`` (bicubic, which
+    Pillow antialiases when it shrinks), then its centre ``size`` x ``size`` is cropped: the usual
+    evaluation transform, which keeps the aspect ratio and drops the edges of the longer side.
+    """
     rgb = to_rgb(image)
     resized = rgb.size != (size, size)
     if resized:
-        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+        width, height = rgb.size
+        scale = size / min(width, height)
+        new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
+        rgb = rgb.resize((new_width, new_height), Image.Resampling.BICUBIC)
+        left, top = (new_width - size) // 2, (new_height - size) // 2
+        rgb = rgb.crop((left, top, left + size, top + size))
     return np.asarray(rgb, dtype=np.uint8), resized
 
 

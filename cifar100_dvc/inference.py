@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from cifar100_dvc.common import StageError, one_line
-from cifar100_dvc.images import IMAGE_SHAPE
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -89,15 +88,20 @@ def load_model(model_file: Path):
     return model
 
 
+def image_size_of(model) -> int:
+    """The side of the square images ``model`` takes (prepare.image_size when it was trained)."""
+    return int(model.inputs[0].shape[1])
+
+
 def foreign_model_problem(model) -> str | None:
-    """Why ``model`` is not one of this project's (uint8 images in, one logit per named class out); None if it is."""
+    """Why ``model`` is not one of this project's (square uint8 RGB images in, one logit per named class out); None if it is."""
     from cifar100_dvc.network import ClassNames
 
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         return f"it has {len(model.inputs)} input(s) and {len(model.outputs)} output(s), not one of each"
     input_shape = tuple(model.inputs[0].shape)
-    if input_shape != (None, *IMAGE_SHAPE):
-        return f"it takes inputs of shape {input_shape}, not images of shape {(None, *IMAGE_SHAPE)}"
+    if len(input_shape) != 4 or input_shape[1] is None or input_shape[1] != input_shape[2] or input_shape[3] != 3:
+        return f"it takes inputs of shape {input_shape}, not square RGB images (None, size, size, 3)"
     if model.inputs[0].dtype != "uint8":
         return f"it takes {model.inputs[0].dtype} inputs, not uint8 pixels"
     try:

@@ -3,10 +3,14 @@
 Every model takes raw RGB ``uint8`` images of shape (32, 32, 3), normalizes them inside the
 graph with the train split's per-channel statistics, and returns float32 logits. The class
 names ride along in the last layer's config, so a saved model is self-describing.
+
+``airbench`` is KellerJordan/cifar10-airbench's airbench93 network; ``resnet`` a small
+ResNet-9; ``baseline`` the notebook's CNN, layer for layer.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,7 +19,9 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-ARCHITECTURES = ("baseline", "resnet")
+from cifar100_dvc.params import AirbenchParams, TrainParams
+
+ARCHITECTURES = ("airbench", "baseline", "resnet")
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,8 @@ class FusedBatchNormalization(layers.BatchNormalization):
     does the same in one pass over memory. In the README's benchmark (baseline, batch 256,
     float32, compute-only, one change at a time, 2-core CPU) it raised training from 583 and
     554 to 738 and 739 images/s in two runs: 1.29x the notebook's settings. Same weights, same
-    output, same moving-average update (with the biased batch variance, as Keras); inference
+    output, same moving-average update (with the biased batch variance, as Keras); without a
+    learned scale (``scale=False``, airbench's BatchNorm) the kernel gets a constant 1. Inference
     and every case the kernel does not cover (masks, renorm, synchronized statistics, non-NHWC
     axes, other backends) fall back to the Keras layer.
     """
@@ -73,7 +80,6 @@ class FusedBatchNormalization(layers.BatchNormalization):
             and len(inputs.shape) == 4
             and self.axis in (-1, 3)
             and self.center
-            and self.scale
             and not self.renorm
             and not self.synchronized  # statistics over all replicas need Keras' all-reduced moments
         )
@@ -81,8 +87,9 @@ class FusedBatchNormalization(layers.BatchNormalization):
     def call(self, inputs, training=None, mask=None):
         if not self._fusable(inputs, training, mask):
             return super().call(inputs, training=training, mask=mask)
+        gamma = self.gamma if self.scale else tf.ones_like(self.beta)
         outputs, batch_mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
-            inputs, self.gamma, self.beta, epsilon=self.epsilon, data_format="NHWC", is_training=True
+            inputs, gamma, self.beta, epsilon=self.epsilon, data_format="NHWC", is_training=True
         )
         # The kernel returns the Bessel-corrected variance; Keras tracks the biased one.
         count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], "float32")
@@ -90,6 +97,103 @@ class FusedBatchNormalization(layers.BatchNormalization):
         self.moving_mean.assign(self.moving_mean * self.momentum + batch_mean * (1.0 - self.momentum))
         self.moving_variance.assign(self.moving_variance * self.momentum + batch_variance * (1.0 - self.momentum))
         return keras.ops.cast(outputs, self.compute_dtype)
+
+
+_SQRT_HALF = math.sqrt(0.5)
+_INVERSE_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@tf.function(jit_compile=True)
+def _gelu_forward(x):
+    x32 = tf.cast(x, tf.float32)
+    return tf.cast(0.5 * x32 * (1.0 + tf.math.erf(x32 * _SQRT_HALF)), x.dtype)
+
+
+@tf.function(jit_compile=True)
+def _gelu_backward(x, upstream):
+    x32 = tf.cast(x, tf.float32)
+    slope = 0.5 * (1.0 + tf.math.erf(x32 * _SQRT_HALF)) + x32 * tf.exp(-0.5 * x32 * x32) * _INVERSE_SQRT_2PI
+    return tf.cast(tf.cast(upstream, tf.float32) * slope, upstream.dtype)
+
+
+@tf.custom_gradient
+def _fused_gelu(x):
+    return _gelu_forward(x), lambda upstream: _gelu_backward(x, upstream)
+
+
+@keras.saving.register_keras_serializable(package="cifar100_dvc")
+class GELU(layers.Layer):
+    """Exact GELU, x * Phi(x) (PyTorch's ``nn.GELU()``, airbench's activation), whose training step
+    is one pass over memory each way.
+
+    TensorFlow composes it from separate elementwise ops (multiply, erf, add, ...) and its
+    gradient from more, each a pass over memory, in bfloat16 through conversions: 4.5x the time
+    of a ReLU on airbench's whitened stem, over a quarter of its training step (measured in a
+    probe here). In training, the forward pass and its gradient (Phi(x) + x * phi(x)) are each
+    compiled by XLA into one loop, in float32 inside; in inference Keras' own exact gelu runs,
+    so a saved or exported model holds no XLA. The same function either way, to rounding.
+    """
+
+    def call(self, inputs, training=None):
+        if training and keras.backend.backend() == "tensorflow":
+            return _fused_gelu(inputs)
+        return keras.activations.gelu(inputs, approximate=False)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def _float32_policies(config):
+    """``config`` (a model's, as get_config gives it) with every layer's dtype policy made float32."""
+    if isinstance(config, dict):
+        if config.get("class_name") == "DTypePolicy":
+            return {**config, "config": {**config["config"], "name": "float32"}}
+        return {key: _float32_policies(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_float32_policies(item) for item in config]
+    return config
+
+
+def float32_model(model: keras.Model) -> keras.Model:
+    """The same network and weights, uncompiled, every layer computing in float32.
+
+    Mixed precision is a choice of training, not part of the model: a model saved with
+    ``mixed_bfloat16`` layers would compute in bfloat16 wherever it is loaded, which TFLite cannot
+    convert and a CPU without bfloat16 instructions only emulates. Rebuilt from its config (not
+    cloned: ``clone_model`` compiles the clone of a compiled model, and a saved compile config would
+    make a plain ``keras.models.load_model`` need the training code); the variables are float32
+    under either policy, so the weights carry over as they are.
+    """
+    clean = keras.Model.from_config(_float32_policies(model.get_config()))
+    clean.set_weights(model.get_weights())
+    return clean
+
+
+def training_flops_per_image(model: keras.Model) -> int:
+    """Floating-point operations of one training image through ``model``'s convolutions and dense layers.
+
+    Counted from the layers (a multiply-add is 2 FLOPs): a Conv2D's forward pass is
+    2 x output height x width x filters x (kernel height x width x input channels), a Dense's
+    2 x inputs x units. Its backward pass adds the same again for the gradient of its input,
+    unless no trainable weight lies before it (nothing upstream needs it), and again for the
+    gradient of its kernel, when it is trainable. Normalization, activations, pooling and the
+    optimizer are left out: they are a few operations per value, bound by memory, not by
+    arithmetic. This is the work a training step cannot avoid; time spent elsewhere shows up
+    as a lower share of the machine's matrix-multiply rate.
+    """
+    total, upstream_trainable = 0, False
+    for layer in model.layers:  # a functional model's layers are in topological order
+        forward = 0
+        if isinstance(layer, layers.Conv2D):
+            _, height, width, filters = layer.output.shape
+            kernel_height, kernel_width, channels_in, _ = layer.kernel.shape
+            forward = 2 * height * width * filters * kernel_height * kernel_width * channels_in
+        elif isinstance(layer, layers.Dense):
+            forward = 2 * math.prod(layer.kernel.shape)
+        trainable = bool(layer.trainable_weights)
+        total += forward * (1 + int(upstream_trainable) + int(trainable and hasattr(layer, "kernel")))
+        upstream_trainable = upstream_trainable or trainable
+    return int(total)
 
 
 def class_names_of(model: keras.Model) -> list[str]:
@@ -136,15 +240,16 @@ def build_baseline(spec: InputSpec, batch_norm: type[layers.BatchNormalization] 
 
 @keras.saving.register_keras_serializable(package="cifar100_dvc")
 class DiracInitializer(keras.initializers.Initializer):
-    """Glorot-uniform conv kernel [kh, kw, in, out] whose first min(in, out) filters are the
-    identity instead (airbench's dirac initialization): each such filter starts by passing one
-    input channel through, so a deep stack starts close to the identity map and trains faster."""
+    """Conv kernel [kh, kw, in, out] drawn by ``base`` (Glorot-uniform, or PyTorch's default with
+    ``base="torch_uniform"``) whose first min(in, out) filters are the identity instead (airbench's
+    dirac initialization): each such filter starts by passing one input channel through, so a
+    deep stack starts close to the identity map and trains faster."""
 
-    def __init__(self, seed=None):
-        self.seed = seed
+    def __init__(self, seed=None, base: str = "glorot_uniform"):
+        self.seed, self.base = seed, base
 
     def __call__(self, shape, dtype=None):
-        kernel = keras.initializers.GlorotUniform(self.seed)(shape, dtype)
+        kernel = base_initializer(self.base, self.seed)(shape, dtype)
         height, width, channels_in, channels_out = shape
         passed = min(channels_in, channels_out)
         identity = np.zeros(shape, np.float32)
@@ -153,7 +258,18 @@ class DiracInitializer(keras.initializers.Initializer):
         return keras.ops.where(is_identity_filter, keras.ops.cast(identity, kernel.dtype), kernel)
 
     def get_config(self):
-        return {"seed": self.seed}
+        return {"seed": self.seed, "base": self.base}
+
+
+def base_initializer(name: str, seed=None) -> keras.initializers.Initializer:
+    """``glorot_uniform`` (Keras' default), or ``torch_uniform``: PyTorch's default for Conv2d and
+    Linear weights (kaiming-uniform with a = sqrt(5), i.e. uniform within +-1/sqrt(fan_in)),
+    which airbench's published recipe starts from."""
+    if name == "torch_uniform":
+        return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform", seed=seed)
+    if name == "glorot_uniform":
+        return keras.initializers.GlorotUniform(seed)
+    raise ValueError(f"unknown base initializer {name!r}: glorot_uniform or torch_uniform")
 
 
 def _conv_bn_relu(x, filters: int, name: str, pool: bool = False, dirac: bool = False):
@@ -170,13 +286,15 @@ def _conv_bn_relu(x, filters: int, name: str, pool: bool = False, dirac: bool = 
 WHITENING_PATCH = 2  # pixels per side of the patches the whitening stem decorrelates
 
 
-def patch_whitening_kernel(images_uint8: np.ndarray, spec: InputSpec, epsilon: float = 5e-4) -> np.ndarray:
+def patch_whitening_kernel(images_uint8: np.ndarray, spec: InputSpec, epsilon: float = 5e-4, centered: bool = True) -> np.ndarray:
     """Conv kernel [2, 2, C, 2 * 4C] that whitens the 2x2 patches of normalized images (airbench).
 
     Its filters are the eigenvectors of the patches' covariance, each divided by the square
     root of its eigenvalue (plus ``epsilon``), so on these images every output channel has
     unit variance and no two are correlated; each filter comes twice, as w and -w, so the ReLU
-    after it keeps both signs. Pass a few thousand training images.
+    after it keeps both signs. ``centered=False`` takes the patches' second moment about zero
+    instead of about their mean, as airbench's code does (the normalized patches' mean is close
+    to zero anyway). Pass a few thousand training images.
     """
     pixels = (images_uint8.astype(np.float64) - np.array(spec.mean_rgb)) / np.array(spec.std_rgb)
     size, channels = WHITENING_PATCH, images_uint8.shape[-1]
@@ -184,7 +302,7 @@ def patch_whitening_kernel(images_uint8: np.ndarray, spec: InputSpec, epsilon: f
     patches = np.stack(
         [pixels[:, i : height - size + 1 + i, j : width - size + 1 + j] for i in range(size) for j in range(size)], axis=3
     ).reshape(-1, size * size * channels)  # [patches, (row, column, channel)]: the kernel's order
-    covariance = np.cov(patches, rowvar=False)
+    covariance = np.cov(patches, rowvar=False) if centered else patches.T @ patches / len(patches)
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
     filters = (eigenvectors / np.sqrt(eigenvalues + epsilon)).T.reshape(-1, size, size, channels)
     kernel = np.concatenate([filters, -filters]).transpose(1, 2, 3, 0)
@@ -236,20 +354,93 @@ def build_resnet(
     return keras.Model(images_uint8, _logits_head(x, spec), name="resnet")
 
 
-def build_network(
-    arch: str,
-    spec: InputSpec,
-    widths: Sequence[int],
-    whiten_stem: bool = False,
-    whitening_kernel: np.ndarray | None = None,
-    dirac_init: bool = False,
-) -> keras.Model:
-    """The network named by ``arch`` (one of ARCHITECTURES), uncompiled, logits out.
+@keras.saving.register_keras_serializable(package="cifar100_dvc")
+class ChannelBias(layers.Layer):
+    """A learned offset per channel, added to its input: airbench's whitening stem is a frozen
+    convolution with a bias that trains for the first epochs, and a separate layer lets the
+    kernel stay frozen while the bias learns."""
 
-    ``whiten_stem``, ``dirac_init`` (resnet only; the baseline stays the notebook's network): see build_resnet.
+    def build(self, input_shape):
+        self.bias = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="bias")
+
+    def call(self, inputs):
+        return inputs + keras.ops.cast(self.bias, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+AIRBENCH_BATCHNORM_EPSILON = 1e-12  # airbench's: the batch variance alone sets the scale
+WHITENING_BIAS_LAYER = "stem_whiten_bias"  # the one layer whose variables airbench trains for only the first epochs
+
+
+def _airbench_block(x, filters: int, name: str, batchnorm: dict):
+    """airbench's ConvGroup: conv3x3 -> maxpool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU; convolutions
+    without bias, PyTorch's default init with the identity on their first filters (dirac)."""
+    for index in (1, 2):
+        x = layers.Conv2D(
+            filters,
+            3,
+            padding="same",
+            use_bias=False,
+            kernel_initializer=DiracInitializer(base="torch_uniform"),
+            name=f"{name}_conv{index}",
+        )(x)
+        if index == 1:
+            x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+        x = FusedBatchNormalization(**batchnorm, name=f"{name}_bn{index}")(x)
+        x = GELU(name=f"{name}_gelu{index}")(x)
+    return x
+
+
+def build_airbench(spec: InputSpec, config: AirbenchParams, whitening_kernel: np.ndarray | None = None) -> keras.Model:
+    """airbench93 (KellerJordan/cifar10-airbench, ``make_net93``), layer for layer, at ``config.widths``.
+
+    A frozen 2x2 patch-whitening convolution (no padding, 2 * 4C channels, its kernel from
+    ``patch_whitening_kernel``; None: zeros, for weights loaded afterwards) plus a learned
+    per-channel bias, then GELU; three blocks (``_airbench_block``); a max over what is left
+    of the image (airbench's MaxPool2d(3) at 32x32); a bias-free linear layer and the logits
+    times ``config.output_scale``. BatchNorm has no learned scale unless ``config.batchnorm_scale``.
     """
-    if arch == "baseline":
-        return build_baseline(spec)
-    if arch == "resnet":
-        return build_resnet(spec, widths, whiten_stem, whitening_kernel, dirac_init)
-    raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")
+    if len(config.widths) != 3:
+        raise ValueError(f"airbench needs 3 widths (block 1, 2, 3), got {list(config.widths)}")
+    images_uint8, x = _normalized_input(spec)
+    channels = spec.image_shape[-1]
+    stem = layers.Conv2D(
+        2 * WHITENING_PATCH * WHITENING_PATCH * channels,
+        WHITENING_PATCH,
+        padding="valid",
+        use_bias=False,
+        trainable=False,
+        name="stem_whiten",
+    )
+    x = stem(x)
+    if whitening_kernel is not None:
+        stem.kernel.assign(whitening_kernel)
+    x = ChannelBias(name=WHITENING_BIAS_LAYER)(x)
+    x = GELU(name="stem_gelu")(x)
+    batchnorm = {"momentum": config.batchnorm_momentum, "epsilon": AIRBENCH_BATCHNORM_EPSILON, "scale": config.batchnorm_scale}
+    for block, filters in enumerate(config.widths, start=1):
+        x = _airbench_block(x, filters, f"block{block}", batchnorm)
+    x = layers.GlobalMaxPooling2D(name="global_pool")(x)
+    # float32 logits even under a mixed-precision policy: softmax/loss need the range.
+    x = layers.Dense(
+        spec.num_classes, use_bias=False, kernel_initializer=base_initializer("torch_uniform"), dtype="float32", name="logits"
+    )(x)
+    x = layers.Rescaling(config.output_scale, dtype="float32", name="logit_scale")(x)
+    return keras.Model(images_uint8, ClassNames(spec.class_names, dtype="float32", name="class_names")(x), name="airbench")
+
+
+def build_network(params: TrainParams, spec: InputSpec, whitening_kernel: np.ndarray | None = None) -> keras.Model:
+    """The network ``params.arch`` names (one of ARCHITECTURES), uncompiled, logits out.
+
+    ``whitening_kernel``: the frozen stem's kernel of airbench, and of resnet with ``whiten_stem``
+    (see ``patch_whitening_kernel``); None builds it with zeros, for weights loaded afterwards.
+    """
+    if params.arch == "baseline":
+        return build_baseline(spec)  # the notebook's network: no option applies
+    if params.arch == "resnet":
+        return build_resnet(spec, params.widths, params.whiten_stem, whitening_kernel, params.dirac_init)
+    if params.arch == "airbench":
+        return build_airbench(spec, params.airbench, whitening_kernel)
+    raise ValueError(f"unknown arch {params.arch!r}; expected one of {ARCHITECTURES}")

@@ -40,35 +40,108 @@ class FetchParams:
 @dataclass(frozen=True)
 class PrepareParams:
     label: str = _param("fine_label", "class-label column to learn (coarse_label; label for CIFAR-10)")
+    image_size: int = _param(
+        32,
+        "side, in pixels, of the square images the pipeline trains on: others are resized on their shorter side and "
+        "centre-cropped (the networks halve it three times, so 16 or more)",
+        ge=16,
+        le=512,
+    )
     val_fraction: float = _param(0.1, "share of each class of train held out as val", ge=0.0, lt=1.0)
-    seed: int = _param(0, "seed of the stratified train/val split", ge=0)
+    test_fraction: float = _param(
+        0.1, "share of each class of train held out as test, only for a dataset without a test split", gt=0.0, lt=1.0
+    )
+    seed: int = _param(0, "seed of the stratified train/val (and train/test) split", ge=0)
     limit: int | None = _param(None, "keep the first N examples of each raw split (smoke runs)", ge=1)
-    examples_per_shard: int = _param(10000, "examples per TFRecord shard (~3 KB each)", ge=1)
+    examples_per_shard: int = _param(10000, "examples per TFRecord shard (3 x image_size^2 bytes each: 3 KB at 32)", ge=1)
+
+
+@dataclass(frozen=True)
+class AirbenchParams:
+    """airbench93's network and optimizer (KellerJordan/cifar10-airbench), used when ``train.arch`` is
+    airbench; every default is the published recipe's. Shared with the other networks: ``train.epochs``,
+    ``batch_size``, ``label_smoothing``, ``augment``, ``seed`` and the device and budget keys."""
+
+    widths: tuple[int, ...] = _param(
+        (64, 128, 128), "channels of the three conv blocks (airbench94: 64, 256, 256; CIFAR-100 speedruns go wider)"
+    )
+    whiten_bias_epochs: int = _param(
+        3, "epochs the whitening stem's bias trains before it is frozen (its kernel is always frozen: it is computed)", ge=0
+    )
+    batchnorm_momentum: float = _param(
+        0.6,
+        "share of BatchNorm's running statistics kept at each step (PyTorch's momentum 0.4): short runs need fresh ones",
+        ge=0.0,
+        lt=1.0,
+    )
+    batchnorm_scale: bool = _param(False, "BatchNorm learns a scale; airbench: no, the next convolution rescales anyway")
+    output_scale: float = _param(
+        1 / 9, "logits times this: keeps the first loss near ln(classes), so the large learning rate stays stable", gt=0.0
+    )
+    learning_rate: float = _param(
+        11.5,
+        "per 1024 examples, in airbench's decoupled form: SGD steps by this x (batch / 1024) / (1 + 1 / (1 - momentum)) on "
+        "the mean loss (the same steps as airbench's rate on the summed loss), so batch and momentum can change alone",
+        gt=0.0,
+    )
+    weight_decay: float = _param(
+        0.0153, "per 1024 examples, decoupled from the learning rate: L2 of weight_decay / learning_rate on the mean loss", ge=0.0
+    )
+    momentum: float = _param(0.85, "Nesterov momentum", ge=0.0, lt=1.0)
+    bias_lr_scale: float = _param(
+        64.0, "BatchNorm biases step this many times further (their decay unchanged): the GELU thresholds settle early", gt=0.0
+    )
+    schedule_start: float = _param(0.2, "learning-rate multiplier at the first step (a triangle: start, peak 1, end)", ge=0.0)
+    schedule_peak: float = _param(0.23, "share of the steps at which the multiplier peaks at 1", ge=0.0, le=1.0)
+    schedule_end: float = _param(
+        0.07, "learning-rate multiplier at the last step: a rate still moving, averaged by lookahead", ge=0.0
+    )
+    lookahead: bool = _param(True, "lookahead: every few steps, move slow weights toward the net, then copy them back")
+    lookahead_every: int = _param(5, "steps between lookahead updates", ge=1)
+    lookahead_decay: float = _param(
+        0.7737809375,
+        "slow weights keep this x (t / T)^3 of themselves at step t of T (0.95^5: airbench's): free early, averaged late",
+        ge=0.0,
+        le=1.0,
+    )
+    lookahead_start_epoch: int = _param(3, "epochs before lookahead starts", ge=0)
+    flip: Literal["alternating", "random"] = _param(
+        "alternating",
+        "alternating: every image flipped at random once, then all flipped every other epoch (each pair of epochs shows "
+        "both); random: each image flipped with probability 1/2 every time",
+    )
+    translate: int = _param(2, "pixels of random translation, the uncovered edge reflected; 0: none", ge=0)
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    arch: Literal["resnet", "baseline"] = _param("resnet", "network: resnet (default) or baseline (the notebook's CNN)")
-    widths: tuple[int, ...] = _param((16, 32, 64, 128), "resnet channel widths: stem, stage 1, 2, 3 (baseline ignores them)")
+    arch: Literal["airbench", "resnet", "baseline"] = _param(
+        "airbench", "network and its recipe: airbench (train.airbench), resnet, or baseline (the notebook's CNN)"
+    )
+    widths: tuple[int, ...] = _param(
+        (16, 32, 64, 128), "resnet channel widths: stem, stage 1, 2, 3 (baseline ignores them; airbench: train.airbench)"
+    )
     whiten_stem: bool = _param(
         False,
         "resnet's stem is a frozen 2x2 conv whitening pixel patches, set from the train images (airbench), "
-        "instead of a learned 3x3 conv of widths[0] channels (baseline ignores it)",
+        "instead of a learned 3x3 conv of widths[0] channels (baseline ignores it; airbench always has one)",
     )
     dirac_init: bool = _param(
         False, "resnet's convolutions start as the identity on their first min(in, out) filters (airbench); baseline ignores it"
     )
-    epochs: int = _param(18, "full passes over the train split", ge=1)
-    batch_size: int = _param(256, "images per optimizer step", ge=1)
+    epochs: int = _param(10, "full passes over the train split", ge=1)
+    batch_size: int = _param(1024, "images per optimizer step", ge=1)
     optimizer: Literal["sgd", "adam", "adamw"] = _param(
-        "sgd", "sgd: Nesterov momentum SGD; adam: Adam, no weight decay; adamw: Adam with decoupled weight decay"
+        "sgd",
+        "resnet and baseline: sgd: Nesterov momentum SGD; adam: Adam, no weight decay; adamw: Adam with decoupled weight "
+        "decay (airbench: its own, train.airbench)",
     )
-    learning_rate: float = _param(0.2, "peak learning rate", gt=0.0)
-    momentum: float = _param(0.9, "SGD momentum (ignored by adam/adamw)", ge=0.0, lt=1.0)
+    learning_rate: float = _param(0.2, "peak learning rate (resnet, baseline; airbench: train.airbench)", gt=0.0)
+    momentum: float = _param(0.9, "SGD momentum (ignored by adam/adamw; airbench: train.airbench)", ge=0.0, lt=1.0)
     schedule: Literal["constant", "linear", "cosine"] = _param(
-        "linear", "after warm-up: constant, linear decay to 0, or cosine decay to 0"
+        "linear", "resnet, baseline: after warm-up, constant, linear decay to 0, or cosine decay to 0 (airbench: a triangle)"
     )
-    warmup_epochs: float = _param(3.0, "epochs of linear warm-up from 0 to the peak rate", ge=0.0)
+    warmup_epochs: float = _param(3.0, "epochs of linear warm-up from 0 to the peak rate (resnet, baseline)", ge=0.0)
     weight_decay: float = _param(
         5e-4, "decoupled weight decay per step, times the learning rate (sgd, adamw; adam takes none)", ge=0.0
     )
@@ -78,8 +151,12 @@ class TrainParams:
         gt=0.0,
     )
     label_smoothing: float = _param(0.2, "cross-entropy label smoothing", ge=0.0, lt=1.0)
-    augment: bool = _param(True, "random crop from a padded image and horizontal flip, per batch")
-    crop_padding: int = _param(4, "pixels of padding around the image for the random crop", ge=0)
+    augment: bool = _param(
+        True, "augment every batch: random crop and horizontal flip (airbench: translate and flip, train.airbench)"
+    )
+    crop_padding: int = _param(
+        4, "pixels of padding around the image for the random crop (airbench: train.airbench.translate)", ge=0
+    )
     crop_fill: Literal["zeros", "reflect"] = _param(
         "zeros", "what the crop's padding holds: black, or the image reflected at its edge (no artificial edge)"
     )
@@ -97,6 +174,7 @@ class TrainParams:
     distribute: Literal["auto", "off", "mirrored"] = _param(
         "auto", "auto: MirroredStrategy over all local GPUs when there are 2+; mirrored: always"
     )
+    airbench: AirbenchParams = field(default_factory=AirbenchParams)
 
 
 @dataclass(frozen=True)
@@ -147,7 +225,24 @@ def parse_params(raw: Any, source: str = "params") -> Params:
     """Validate a nested dict (as read from YAML) into ``Params``, keys one by one, then across keys."""
     params = _parse_dataclass(Params, raw, prefix="", source=source)
     check_optimizer(params.train, source)
+    check_widths(params.train, source)
     return params
+
+
+WIDTHS_PER_ARCH = {
+    "resnet": ("train.widths", 4, "stem, stage 1, 2, 3"),
+    "airbench": ("train.airbench.widths", 3, "block 1, 2, 3"),
+}
+
+
+def check_widths(train: TrainParams, source: str = "params") -> None:
+    """Refuse a widths list of the wrong length for the network that uses it."""
+    if train.arch not in WIDTHS_PER_ARCH:
+        return
+    key, expected, meaning = WIDTHS_PER_ARCH[train.arch]
+    widths = train.airbench.widths if train.arch == "airbench" else train.widths
+    if len(widths) != expected:
+        raise StageError(f"{source}: '{key}' must list {expected} widths for {train.arch} ({meaning}), got {list(widths)}")
 
 
 def check_optimizer(train: TrainParams, source: str = "params") -> None:

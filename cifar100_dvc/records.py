@@ -1,6 +1,6 @@
 """TFRecord shards: how ``prepare`` writes them and the one fast reader ``train``/``evaluate`` use.
 
-A record holds one image's raw uint8 pixels (32*32*3 bytes, no codec: decoding is a memcpy)
+A record holds one image's raw uint8 pixels (size*size*3 bytes, no codec: decoding is a memcpy)
 and its integer label. ``dataset.json`` beside the shards describes them.
 """
 
@@ -42,9 +42,11 @@ class DatasetInfo:
     mean_rgb: list[float]  # train split, 0..255 units
     std_rgb: list[float]
     splits: dict[str, SplitInfo]
-    resized_images: dict[str, int]  # per split: images that were not 32x32
+    resized_images: dict[str, int]  # per split: images that were not image_shape's size
     converted_modes: dict[str, dict[str, int]]  # per split: non-RGB source modes and counts
     renamed_classes: dict[str, str] = field(default_factory=dict)  # name in the dataset's card -> name in class_names
+    test_from_train: bool = False  # the dataset had no test split: test was carved from train
+    test_fraction: float | None = None  # the share of each class of train it took, when it was
 
     @property
     def num_classes(self) -> int:
@@ -72,7 +74,9 @@ def serialize_example(image_uint8: np.ndarray, label: int) -> bytes:
         "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_uint8.tobytes()])),
         "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic: map entries in key order. Otherwise protobuf orders them per process, and the same
+    # pixels would give other bytes, so another DVC hash, on every run.
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def write_shards(
@@ -114,7 +118,7 @@ def read_split(
     repeat: bool = False,
     drop_remainder: bool = False,
     skip_batches: int = 0,
-    batch_transform: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None,
+    batch_transform: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor] | None = None,
     cache: bool = True,
 ) -> tf.data.Dataset:
     """The shards of ``split`` as a dataset of (images uint8, labels int32) batches.
@@ -125,8 +129,9 @@ def read_split(
     parsing and decoding happen once per batch; the next batches are prefetched.
     With ``shuffle_seed`` and ``repeat`` the stream is a pure function of the seed, so
     ``skip_batches`` resumes it exactly where a run of ``skip_batches`` steps stopped.
-    ``batch_transform(images, position)`` (augmentation) gets each batch's position in the
-    stream, from which it can derive stateless randomness that a resumed run repeats.
+    ``batch_transform(images, position, example_ids)`` (augmentation) gets each batch's position
+    in the stream, from which it can derive stateless randomness that a resumed run repeats, and
+    each example's id (its place in the read order, 0..N-1: the same on every pass).
     """
     info = DatasetInfo.read(prepared_dir)
     if split not in info.splits:
@@ -137,7 +142,7 @@ def read_split(
             raise StageError(f"{path} is missing: run the prepare stage again (dvc repro prepare)")
     if shuffle_seed is None:  # stored order: shard after shard
         records = tf.data.TFRecordDataset(paths, buffer_size=_READ_BUFFER_BYTES)
-    else:  # several shards at once, their records interleaved
+    else:  # several shards at once, their records interleaved (deterministically)
         records = tf.data.Dataset.from_tensor_slices(paths).interleave(
             lambda path: tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES),
             cycle_length=max(1, min(len(paths), 8)),
@@ -146,6 +151,7 @@ def read_split(
         )
     # A known length lets Keras show progress and end evaluation without an "ran out of data" warning.
     records = records.apply(tf.data.experimental.assert_cardinality(info.splits[split].num_examples))
+    records = records.enumerate()  # (example id, record): ids before any shuffle, so they stay with their record
     if cache:
         records = records.cache()
     if shuffle_seed is not None:
@@ -156,10 +162,15 @@ def read_split(
     if skip_batches:
         batches = batches.skip(skip_batches)
     image_shape = tuple(info.image_shape)
-    batches = batches.map(lambda serialized: parse_batch(serialized, image_shape), num_parallel_calls=tf.data.AUTOTUNE)
-    if batch_transform is not None:
+    batches = batches.map(
+        lambda example_ids, serialized: (*parse_batch(serialized, image_shape), example_ids), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    if batch_transform is None:
+        batches = batches.map(lambda images, labels, example_ids: (images, labels))
+    else:
         batches = batches.enumerate(start=skip_batches).map(
-            lambda position, batch: (batch_transform(batch[0], position), batch[1]), num_parallel_calls=tf.data.AUTOTUNE
+            lambda position, batch: (batch_transform(batch[0], position, batch[2]), batch[1]),
+            num_parallel_calls=tf.data.AUTOTUNE,
         )
     return batches.prefetch(tf.data.AUTOTUNE)
 
@@ -168,7 +179,7 @@ def read_arrays(
     prepared_dir: Path, split: str, batch_size: int = 4096, limit: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """All of ``split`` (or its first ``limit`` examples) in memory, in stored order:
-    (uint8 images [N, 32, 32, 3], int32 labels [N])."""
+    (uint8 images [N, size, size, 3], int32 labels [N])."""
     images, labels = [], []
     for batch_images, batch_labels in read_split(prepared_dir, split, batch_size, cache=False):
         images.append(batch_images.numpy())

@@ -21,9 +21,9 @@ import numpy as np
 import tensorflow as tf
 
 from cifar100_dvc import hardware
-from cifar100_dvc.augment import crop_and_flip
-from cifar100_dvc.network import InputSpec, patch_whitening_kernel
-from cifar100_dvc.params import TrainParams, check_optimizer
+from cifar100_dvc.augment import alternating_flips, crop_and_flip, crop_and_mirror
+from cifar100_dvc.network import WHITENING_BIAS_LAYER, InputSpec, patch_whitening_kernel
+from cifar100_dvc.params import AirbenchParams, TrainParams, check_optimizer
 from cifar100_dvc.records import DatasetInfo, read_arrays
 
 log = logging.getLogger(__name__)
@@ -116,14 +116,233 @@ class BiasScaledSGD(keras.optimizers.SGD):
         return {**super().get_config(), "bias_lr_scale": self.bias_lr_scale}
 
 
+def run_progress(step, total_steps: int, budget_spent=None):
+    """Share of the run done at ``step`` (0..1): of the planned steps, or of the time budget when that
+    is further along (``budget_spent``: a variable holding the share spent, or None without a budget)."""
+    progress = keras.ops.cast(step, "float32") / max(1, total_steps)
+    if budget_spent is not None:
+        progress = keras.ops.maximum(progress, keras.ops.cast(budget_spent, "float32"))
+    return keras.ops.clip(progress, 0.0, 1.0)
+
+
+@keras.saving.register_keras_serializable(package="cifar100_dvc")
+class TriangleSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """airbench's triangle: ``peak`` times a multiplier that runs linearly from ``start`` at the
+    first step to 1 at ``peak_at`` of the steps, then to ``end`` at the last (``triangle`` in
+    airbench's utils.py: the peak on a whole step, as there). With ``budget_spent`` it follows
+    ``run_progress``: where the planned steps do not fit the budget, the whole triangle is
+    compressed into it and training ends with the multiplier at ``end``."""
+
+    def __init__(self, peak: float, total_steps: int, start: float, peak_at: float, end: float, budget_spent=None):
+        self.peak, self.total_steps, self.start, self.peak_at, self.end = peak, total_steps, start, peak_at, end
+        self.budget_spent = budget_spent  # run state, not config: never serialized
+
+    def progress(self, step):
+        return run_progress(step, self.total_steps, self.budget_spent)
+
+    def __call__(self, step):
+        progress = self.progress(step)
+        turn = int(self.peak_at * self.total_steps) / max(1, self.total_steps)  # airbench: int(peak * steps)
+        rising = self.start + (1.0 - self.start) * progress / max(turn, 1e-12)
+        falling = 1.0 + (self.end - 1.0) * (progress - turn) / max(1.0 - turn, 1e-12)
+        return self.peak * keras.ops.where(progress < turn, rising, falling)
+
+    def get_config(self):
+        return {
+            "peak": self.peak,
+            "total_steps": self.total_steps,
+            "start": self.start,
+            "peak_at": self.peak_at,
+            "end": self.end,
+        }
+
+
+def airbench_rates(config: AirbenchParams, batch_size: int) -> tuple[float, float]:
+    """(SGD learning rate on the mean loss, L2 coefficient) of airbench's decoupled hyperparameters.
+
+    airbench steps by ``lr / (1024 (1 + 1 / (1 - momentum)))`` on the loss summed over the batch,
+    with PyTorch's weight decay ``wd * batch / lr``; on the mean loss (``batch`` times smaller
+    gradients) the same steps take ``batch`` times that rate and an L2 of ``wd / lr``.
+    """
+    kilostep_scale = 1024 * (1 + 1 / (1 - config.momentum))
+    learning_rate = config.learning_rate * batch_size / kilostep_scale
+    return learning_rate, config.weight_decay / config.learning_rate
+
+
+@keras.saving.register_keras_serializable(package="cifar100_dvc")
+class AirbenchSGD(keras.optimizers.Optimizer):
+    """airbench's optimizer step, in Keras: PyTorch's Nesterov SGD with the L2 weight decay in the
+    gradient, BatchNorm biases at ``bias_lr_scale`` times the rate (their decay unchanged), the
+    whitening stem's bias frozen once ``whiten_bias_until`` of the run is done, and lookahead.
+
+    Per variable p with gradient g (PyTorch's ``torch.optim.SGD(nesterov=True)``):
+    ``d = g + l2 / s * p; buf = momentum * buf + d; p -= lr * s * (d + momentum * buf)``, s the
+    variable's rate scale. Keras' own SGD keeps ``lr * buf`` instead, which differs once the rate
+    moves, and decays the weights outside the momentum.
+
+    Lookahead (airbench's LookaheadState), over every float weight of the model, BatchNorm's
+    running statistics included (``track_lookahead``): from ``lookahead_from`` of the run on, every
+    ``lookahead_every`` steps the slow copy moves toward the weights,
+    ``slow += (1 - rho) (weights - slow)`` with ``rho = lookahead_decay * progress^3``, and the
+    weights become the slow copy; the first such step only takes the copy. At every epoch's end
+    the weights become the slow copy again. Keras' optimizer EMA (``use_ema``) averages every step
+    with a fixed momentum and only the trainable weights, so it is not this. The slow copy is an
+    optimizer variable: it is saved with the optimizer and a resumed run continues it exactly.
+    """
+
+    def __init__(
+        self,
+        learning_rate,
+        momentum: float = 0.85,
+        l2: float = 0.0,
+        bias_lr_scale: float = 1.0,
+        whiten_bias_until: float = 1.0,
+        lookahead: bool = False,
+        lookahead_every: int = 5,
+        lookahead_decay: float = 0.95**5,
+        lookahead_from: float = 0.0,
+        steps_per_epoch: int = 1,
+        name: str = "airbench_sgd",
+        **kwargs,
+    ):
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.momentum, self.l2, self.bias_lr_scale = momentum, l2, bias_lr_scale
+        self.whiten_bias_until = whiten_bias_until
+        self.lookahead, self.lookahead_every, self.lookahead_decay = lookahead, lookahead_every, lookahead_decay
+        self.lookahead_from, self.steps_per_epoch = lookahead_from, steps_per_epoch
+        self._lookahead_targets = None  # the model's weights, set by track_lookahead before build
+
+    def track_lookahead(self, model_weights) -> None:
+        """Average these (the model's float weights, trainable or not) in lookahead; call before build."""
+        self._lookahead_targets = [w for w in model_weights if "float" in str(w.dtype)]
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.momentums = self.add_optimizer_variables(variables, "momentum")
+        if self.lookahead:
+            targets = self._lookahead_targets if self._lookahead_targets is not None else list(variables)
+            self._lookahead_pairs = [(w, self.add_variable_from_reference(w, "slow")) for w in targets]
+            self.lookahead_started = self.add_variable((), initializer="zeros", dtype="float32", name="lookahead_started")
+
+    def _progress(self, step):
+        schedule = self._learning_rate
+        if isinstance(schedule, TriangleSchedule):
+            return schedule.progress(step)
+        return keras.ops.zeros(())
+
+    def update_step(self, gradient, variable, learning_rate):
+        dtype = variable.dtype
+        scale = self.bias_lr_scale if is_batch_norm_bias(variable) else 1.0
+        rate = keras.ops.cast(learning_rate, dtype) * scale
+        if WHITENING_BIAS_LAYER in getattr(variable, "path", variable.name):
+            still_training = self._progress(self.iterations) < self.whiten_bias_until
+            rate = rate * keras.ops.cast(still_training, dtype)  # frozen: never moves again (the progress only grows)
+        direction = keras.ops.cast(gradient, dtype) + (self.l2 / scale) * variable
+        buffer = self.momentums[self._get_variable_index(variable)]
+        self.assign(buffer, self.momentum * buffer + direction)
+        self.assign_sub(variable, rate * (direction + self.momentum * buffer))
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        super()._backend_apply_gradients(grads, trainable_variables)
+        if self.lookahead:
+            tf.__internal__.distribute.interim.maybe_merge_call(self._lookahead_step, self._distribution_strategy)
+
+    def _lookahead_step(self, distribution):
+        step = self.iterations + 1  # this step, counted from 1 as airbench counts it
+        due = tf.equal(step % self.lookahead_every, 0) & (self._progress(self.iterations) >= self.lookahead_from)
+        started = self.lookahead_started > 0.5
+        rho = self.lookahead_decay * self._progress(step) ** 3
+        epoch_end = tf.equal(step % self.steps_per_epoch, 0)
+
+        def update(pairs, mix, copy_back: bool):
+            for weights, slow in pairs:  # slow += mix * (weights - slow), as torch's lerp_: exact when they are equal
+                distribution.extended.update(
+                    slow.value,
+                    lambda s, w, m: s.assign_add(tf.cast(m, s.dtype) * (w - s)),
+                    args=(weights.value, mix),
+                    group=False,
+                )
+                if copy_back:
+                    distribution.extended.update(weights.value, lambda w, s: w.assign(s), args=(slow.value,), group=False)
+
+        pairs = self._lookahead_pairs
+        # The first due step takes the copy; later due steps move it and copy it back; an epoch's end copies it back.
+        tf.cond(due & ~started, lambda: update(pairs, 1.0, copy_back=False), lambda: None)
+        tf.cond(due & started, lambda: update(pairs, 1.0 - rho, copy_back=True), lambda: None)
+        tf.cond(epoch_end & (due | started), lambda: update(pairs, 0.0, copy_back=True), lambda: None)
+        distribution.extended.update(
+            self.lookahead_started.value,
+            lambda flag, d: flag.assign(tf.maximum(flag, tf.cast(d, flag.dtype))),
+            args=(due,),
+            group=False,
+        )
+
+    def finish_lookahead(self) -> None:
+        """Make the weights the slow copy, if lookahead has started: what every epoch's end does, for a
+        run that stops inside an epoch (a time budget)."""
+        if self.lookahead and self.built and float(self.lookahead_started.numpy()) > 0.5:
+            for weights, slow in self._lookahead_pairs:
+                weights.assign(slow)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "momentum": self.momentum,
+            "l2": self.l2,
+            "bias_lr_scale": self.bias_lr_scale,
+            "whiten_bias_until": self.whiten_bias_until,
+            "lookahead": self.lookahead,
+            "lookahead_every": self.lookahead_every,
+            "lookahead_decay": self.lookahead_decay,
+            "lookahead_from": self.lookahead_from,
+            "steps_per_epoch": self.steps_per_epoch,
+        }
+
+
+def _move_toward(slow, weights, mix):
+    return slow.assign_add(tf.cast(mix, slow.dtype) * (weights - slow))
+
+
+def _raise_flag(flag, condition):
+    return flag.assign(tf.maximum(flag, tf.cast(condition, flag.dtype)))
+
+
+def make_airbench_optimizer(params: TrainParams, steps_per_epoch: int, budget_spent=None) -> AirbenchSGD:
+    """airbench's optimizer (AirbenchSGD) and triangle schedule for ``params.airbench``; the whitening
+    bias's and lookahead's epochs become shares of the run, so a time budget compresses them too."""
+    config = params.airbench
+    learning_rate, l2 = airbench_rates(config, params.batch_size)
+    total_steps = params.epochs * steps_per_epoch
+    schedule = TriangleSchedule(
+        learning_rate, total_steps, config.schedule_start, config.schedule_peak, config.schedule_end, budget_spent
+    )
+    return AirbenchSGD(
+        schedule,
+        momentum=config.momentum,
+        l2=l2,
+        bias_lr_scale=config.bias_lr_scale,
+        whiten_bias_until=config.whiten_bias_epochs / params.epochs,
+        lookahead=config.lookahead,
+        lookahead_every=config.lookahead_every,
+        lookahead_decay=config.lookahead_decay,
+        lookahead_from=config.lookahead_start_epoch / params.epochs,
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
 def make_optimizer(params: TrainParams, steps_per_epoch: int, budget_spent=None) -> keras.optimizers.Optimizer:
     """The optimizer of ``params`` with its warm-up + decay learning-rate schedule (see WarmupSchedule).
 
     sgd and adamw decay the weights decoupled from the gradient (by weight_decay times the rate,
     each step); adam is plain Adam, with no decay at all (params refuse it with weight_decay > 0).
     sgd steps BatchNorm biases ``bn_bias_lr_scale`` times further (BiasScaledSGD); Adam's steps do
-    not depend on a gradient's scale, so adam and adamw take no such factor.
+    not depend on a gradient's scale, so adam and adamw take no such factor. ``airbench`` has its
+    own optimizer and schedule (``make_airbench_optimizer``).
     """
+    if params.arch == "airbench":
+        return make_airbench_optimizer(params, steps_per_epoch, budget_spent)
     schedule = WarmupSchedule(
         peak=params.learning_rate,
         warmup_steps=int(round(params.warmup_epochs * steps_per_epoch)),
@@ -153,8 +372,11 @@ def compile_model(
     steps_per_execution: int,
     budget_spent=None,
 ) -> None:
+    optimizer = make_optimizer(params, steps_per_epoch, budget_spent)
+    if isinstance(optimizer, AirbenchSGD):
+        optimizer.track_lookahead(model.weights)  # BatchNorm's running statistics are averaged too
     model.compile(
-        optimizer=make_optimizer(params, steps_per_epoch, budget_spent),
+        optimizer=optimizer,
         loss=SmoothedSparseCrossentropy(params.label_smoothing),
         metrics=[
             keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
@@ -218,14 +440,38 @@ def make_strategy(distribute: str) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def augmenter(params: TrainParams):
-    """Crop-and-flip of a batch, seeded by (train.seed, the batch's position in the stream)."""
+def augmenter(params: TrainParams, num_train: int):
+    """The batch augmentation of ``params``, seeded by (train.seed, the batch's position in the stream):
+    ``transform(images, position, example_ids)`` for ``read_split``.
 
-    def augment(images: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
-        seed = tf.stack([tf.constant(params.seed, tf.int64), position])
-        return crop_and_flip(images, seed, params.crop_padding, params.crop_fill)
+    resnet and baseline: crop from a padded image (``crop_padding``, ``crop_fill``) and a coin flip.
+    airbench: translation by up to ``translate`` pixels, the edge reflected, and its ``flip``:
+    ``alternating`` (``alternating_flips``; the base orientations drawn once from the seed, for all
+    ``num_train`` examples) or ``random``.
+    """
+    if params.arch != "airbench":
 
-    return augment
+        def augment(images: tf.Tensor, position: tf.Tensor, example_ids: tf.Tensor) -> tf.Tensor:
+            seed = tf.stack([tf.constant(params.seed, tf.int64), position])
+            return crop_and_flip(images, seed, params.crop_padding, params.crop_fill)
+
+        return augment
+
+    config = params.airbench
+    base_flips = tf.random.stateless_uniform([num_train], seed=[params.seed, 1]) < 0.5
+
+    def augment_airbench(images: tf.Tensor, position: tf.Tensor, example_ids: tf.Tensor) -> tf.Tensor:
+        crop_seed, flip_seed = tf.unstack(
+            tf.random.experimental.stateless_split(tf.stack([tf.constant(params.seed, tf.int64), position]), num=2)
+        )
+        if config.flip == "alternating":  # whole batches (drop_remainder): image j is example position * batch + j
+            stream_positions = position * params.batch_size + tf.range(tf.shape(images)[0], dtype=tf.int64)
+            mirrored = alternating_flips(example_ids, stream_positions, base_flips, num_train)
+        else:
+            mirrored = tf.random.stateless_uniform([tf.shape(images)[0]], seed=flip_seed) < 0.5
+        return crop_and_mirror(images, crop_seed, config.translate, mirrored, fill="reflect")
+
+    return augment_airbench
 
 
 def input_spec(info: DatasetInfo) -> InputSpec:
@@ -238,11 +484,12 @@ WHITENING_IMAGES = 5000  # train images whose patch covariance sets the whitenin
 
 def whitening_kernel(params: TrainParams, info: DatasetInfo, prepared_dir: Path) -> np.ndarray | None:
     """The whitening stem's kernel from the first train images (stored order: the same for every
-    seed), or None when ``params`` has no whitening stem."""
-    if not (params.whiten_stem and params.arch == "resnet"):
+    seed), or None when ``params`` has no whitening stem. airbench's is of the patches' second
+    moment about zero, as its code computes it; resnet's of their covariance."""
+    if not (params.arch == "airbench" or (params.whiten_stem and params.arch == "resnet")):
         return None
     images_uint8, _ = read_arrays(prepared_dir, "train", limit=WHITENING_IMAGES)
-    return patch_whitening_kernel(images_uint8, input_spec(info))
+    return patch_whitening_kernel(images_uint8, input_spec(info), centered=params.arch != "airbench")
 
 
 @contextlib.contextmanager

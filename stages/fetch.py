@@ -17,7 +17,7 @@ from cifar100_dvc.paths import ProjectPaths, local_directory
 
 log = logging.getLogger(__name__)
 
-REQUIRED_SPLITS = ("train", "test")
+KEPT_SPLITS = ("train", "test")  # train is required; without test, prepare carves one from train
 _MAX_SHARD_SIZE = "500MB"  # CIFAR-100 fits one file per split: DVC hashes a handful of files
 
 
@@ -30,13 +30,12 @@ def offline_hint(dataset: str) -> str:
 
 
 def check_dataset(dataset_dict, dataset: str) -> None:
-    """Raise StageError unless there are train and test splits, an image column and class labels."""
+    """Raise StageError unless there is a train split and every kept split has an image column and class labels."""
     from datasets import ClassLabel, Image
 
-    missing = [split for split in REQUIRED_SPLITS if split not in dataset_dict]
-    if missing:
-        raise StageError(f"dataset {dataset!r} has no split(s) {missing} (has {sorted(dataset_dict)})")
-    for split in REQUIRED_SPLITS:
+    if "train" not in dataset_dict:
+        raise StageError(f"dataset {dataset!r} has no train split (has {sorted(dataset_dict)})")
+    for split in (split for split in KEPT_SPLITS if split in dataset_dict):
         features = dataset_dict[split].features
         if not any(isinstance(feature, Image) for feature in features.values()):
             raise StageError(f"dataset {dataset!r}, split {split!r}: no image column (columns: {list(features)})")
@@ -52,6 +51,12 @@ def check_dataset(dataset_dict, dataset: str) -> None:
             )
         if dataset_dict[split].num_rows == 0:
             raise StageError(f"dataset {dataset!r}, split {split!r} is empty")
+        for name in class_labels:
+            if features[name].num_classes < 2:
+                raise StageError(
+                    f"dataset {dataset!r}, column {name!r} has {features[name].num_classes} class "
+                    f"({features[name].names}): a classifier needs two or more"
+                )
 
 
 def load(params: FetchParams, local: Path | None, local_cache_dir: Path):
@@ -73,6 +78,9 @@ def load(params: FetchParams, local: Path | None, local_cache_dir: Path):
     if local is not None and not visible_files(local):
         raise StageError(f"fetch.dataset {source!r} is empty: {_LOCAL_LAYOUT}")
     try:
+        if local is not None and is_image_folder(local):
+            log.info("loading image folder %s: one class per sub-folder", local)
+            return image_folder(local, local_cache_dir)
         if local is not None:
             log.info("loading local dataset directory %s", local)
             return datasets.load_dataset(str(local), cache_dir=str(local_cache_dir))
@@ -95,7 +103,48 @@ def load(params: FetchParams, local: Path | None, local_cache_dir: Path):
         ) from None
 
 
-_LOCAL_LAYOUT = "a local dataset is laid out like the hub repository: parquet files plus a README.md dataset card"
+_LOCAL_LAYOUT = (
+    "a local dataset is laid out like the hub repository (parquet files plus a README.md dataset card), or is a "
+    "folder of images with one sub-folder per class (optionally under train/ and test/)"
+)
+
+
+def is_image_folder(directory: Path) -> bool:
+    """Whether ``directory`` is a folder of images rather than a hub-layout copy: no README.md dataset card,
+    and image files in its sub-folders."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    if (directory / "README.md").is_file():
+        return False
+    suffixes = {suffix.lower() for suffix in ImageFolder.EXTENSIONS}
+    return any(path.suffix.lower() in suffixes for path in visible_files(directory) if path.parent != directory)
+
+
+def image_folder(directory: Path, cache_dir: Path):
+    """The folder of class sub-folders as a DatasetDict (``imagefolder``: ``train``, and ``test`` when it has a
+    ``test/`` sub-folder; class names from the folder names). Each image's bytes are read in, beside its
+    path relative to ``directory``, so data/raw holds the images and prepare can name a bad file."""
+    import datasets
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(directory), cache_dir=str(cache_dir))
+    suffixes = {suffix.lower() for suffix in ImageFolder.EXTENSIONS}
+    skipped = [path.relative_to(directory) for path in visible_files(directory) if path.suffix.lower() not in suffixes]
+    if skipped:
+        shown = ", ".join(map(str, skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        log.warning("not images (by their extension), not used: %s", shown)
+    column = next(name for name, feature in loaded["train"].features.items() if isinstance(feature, datasets.Image))
+
+    def embedded(example):
+        path = Path(example[column]["path"])
+        return {column: {"bytes": path.read_bytes(), "path": path.relative_to(directory).as_posix()}}
+
+    return datasets.DatasetDict(
+        {
+            split: part.cast_column(column, datasets.Image(decode=False)).map(embedded).cast_column(column, datasets.Image())
+            for split, part in loaded.items()
+        }
+    )
 
 
 def visible_files(directory: Path) -> list[Path]:
@@ -109,7 +158,7 @@ def visible_files(directory: Path) -> list[Path]:
 
 def blame_missing_card(dataset: str, local: Path | None, problem: StageError) -> StageError:
     """``problem`` found in the local directory ``local``, blamed on its missing dataset card when it has none."""
-    if local is None or (local / "README.md").is_file():
+    if local is None or (local / "README.md").is_file() or is_image_folder(local):
         return problem
     return StageError(
         f"fetch.dataset {dataset!r} has no README.md dataset card declaring the features (the image column, the "
@@ -118,7 +167,7 @@ def blame_missing_card(dataset: str, local: Path | None, problem: StageError) ->
 
 
 def run(params: FetchParams, paths: ProjectPaths) -> None:
-    """Load and check the dataset, then save its train and test splits to ``paths.raw_dir``."""
+    """Load and check the dataset, then save its train (and test) splits to ``paths.raw_dir``."""
     import datasets
 
     local = local_directory(params.dataset, paths.root)
@@ -129,7 +178,12 @@ def run(params: FetchParams, paths: ProjectPaths) -> None:
             check_dataset(dataset_dict, params.dataset)
         except StageError as problem:
             raise blame_missing_card(params.dataset, local, problem) from None
-        splits = datasets.DatasetDict({split: dataset_dict[split] for split in REQUIRED_SPLITS})
+        unused = sorted(set(dataset_dict) - set(KEPT_SPLITS))
+        if unused:
+            log.warning("splits %s not used: the pipeline takes train and test (and carves val, and test if missing)", unused)
+        if "test" not in dataset_dict:
+            log.info("no test split: prepare will hold out prepare.test_fraction of each class of train as test")
+        splits = datasets.DatasetDict({split: dataset_dict[split] for split in KEPT_SPLITS if split in dataset_dict})
         splits.save_to_disk(str(staged), max_shard_size=_MAX_SHARD_SIZE)
     log.info("wrote %s: %s", paths.raw_dir, {split: splits[split].num_rows for split in splits})
 

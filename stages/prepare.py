@@ -1,10 +1,17 @@
-"""DVC stage ``prepare``: data/raw -> TFRecord shards of 32x32 RGB uint8 images in data/prepared.
+"""DVC stage ``prepare``: data/raw -> TFRecord shards of square RGB uint8 images in data/prepared.
 
 Splits: ``train`` and ``val`` (carved from the raw train split, stratified by class, seeded)
-and ``test`` (the raw test split, never used for model selection). ``dataset.json`` records
-the class names from the dataset's own features (with the known misnamings of
-``KNOWN_CLASS_NAME_FIXES`` corrected, and which ones were), counts per split and class, the
-train split's per-channel mean and standard deviation, and the shard list.
+and ``test`` (the raw test split, never used for model selection; for a dataset with only a train
+split, carved from it first, stratified and seeded, ``prepare.test_fraction`` of each class).
+Every image becomes ``prepare.image_size`` pixels square (``to_rgb_uint8``: resized on its shorter
+side, centre-cropped). ``dataset.json`` records the class names from the dataset's own features
+(with the known misnamings of ``KNOWN_CLASS_NAME_FIXES`` corrected, and which ones were), counts
+per split and class, where the test split came from, the images resized and converted per split,
+the train split's per-channel mean and standard deviation, and the shard list.
+
+It streams: the labels are read first (one column) to decide every split, then each output split's
+rows are decoded batch by batch and written, so memory holds one batch of images whatever the
+image size or the dataset's length.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar100_dvc.common import StageError, atomic_output, progress, run_main
-from cifar100_dvc.images import IMAGE_SHAPE, decode_image, find_image_column, to_rgb_uint8
+from cifar100_dvc.images import decode_image, find_image_column, to_rgb_uint8
 from cifar100_dvc.params import PrepareParams, load_params
 from cifar100_dvc.paths import ProjectPaths
 from cifar100_dvc.records import DatasetInfo, SplitInfo, write_shards
@@ -36,9 +43,9 @@ KNOWN_CLASS_NAME_FIXES = {
 
 
 @dataclass
-class DecodedSplit:
-    images_uint8: np.ndarray  # [N, 32, 32, 3]
-    labels: np.ndarray  # [N] int64
+class SplitStats:
+    """What writing one output split saw: images resized and non-RGB modes converted."""
+
     resized: int = 0
     converted_modes: Counter = field(default_factory=Counter)
 
@@ -56,21 +63,36 @@ def stratified_split(labels: np.ndarray, val_fraction: float, rng: np.random.Gen
     return train, val
 
 
+@dataclass
+class ChannelSums:
+    """Exact per-channel pixel sums of a stream of uint8 images, for their mean and standard deviation."""
+
+    count: int = 0
+    total: np.ndarray = field(default_factory=lambda: np.zeros(3, np.int64))
+    total_squares: np.ndarray = field(default_factory=lambda: np.zeros(3, np.int64))
+
+    def add(self, images_uint8: np.ndarray) -> None:
+        pixels = images_uint8.reshape(-1, 3).astype(np.int64)
+        self.count += len(pixels)
+        self.total += pixels.sum(axis=0)
+        self.total_squares += (pixels * pixels).sum(axis=0)
+
+    def mean_and_std(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and (population) standard deviation, in 0..255 units."""
+        mean = self.total / max(1, self.count)
+        variance = np.maximum(self.total_squares / max(1, self.count) - mean * mean, 0.0)
+        return mean.tolist(), np.sqrt(variance).tolist()
+
+
 def channel_stats(images_uint8: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
     """Per-channel mean and (population) standard deviation of [N, H, W, 3] pixels, in 0..255 units.
 
     Sums are exact integers, accumulated in chunks so memory stays at one chunk of int64.
     """
-    count = images_uint8.shape[0] * images_uint8.shape[1] * images_uint8.shape[2]
-    total = np.zeros(3, np.int64)
-    total_squares = np.zeros(3, np.int64)
+    sums = ChannelSums()
     for start in range(0, len(images_uint8), chunk):
-        pixels = images_uint8[start : start + chunk].reshape(-1, 3).astype(np.int64)
-        total += pixels.sum(axis=0)
-        total_squares += (pixels * pixels).sum(axis=0)
-    mean = total / count
-    variance = np.maximum(total_squares / count - mean * mean, 0.0)
-    return mean.tolist(), np.sqrt(variance).tolist()
+        sums.add(images_uint8[start : start + chunk])
+    return sums.mean_and_std()
 
 
 def class_names_for(features, label_column: str) -> list[str]:
@@ -97,34 +119,33 @@ def fix_class_names(class_names: list[str], label_column: str) -> tuple[list[str
     return fixed, renamed
 
 
-def decode_split(dataset, split: str, image_column: str, label_column: str, num_classes: int) -> DecodedSplit:
-    """Decode every row of ``dataset`` to 32x32 RGB uint8; raise StageError naming a bad row."""
-    from datasets import Image
-
-    num_rows = dataset.num_rows
-    if num_rows == 0:
-        raise StageError(f"split {split!r} is empty")
-    raw_rows = dataset.select_columns([image_column, label_column]).cast_column(image_column, Image(decode=False))
-    decoded = DecodedSplit(np.empty((num_rows, *IMAGE_SHAPE), np.uint8), np.empty(num_rows, np.int64))
-    rows = ((row, item) for row, item in enumerate(_iter_rows(raw_rows, image_column, label_column)))
-    for row, (encoded, label) in progress(rows, num_rows, f"prepare {split}", every=10_000):
+def split_labels(dataset, split: str, label_column: str, num_classes: int) -> np.ndarray:
+    """The labels of every row (int64), read from their column alone; StageError naming the first row out of range."""
+    labels = list(dataset.select_columns([label_column])[label_column])
+    for row, label in enumerate(labels):
         if label is None or not 0 <= label < num_classes:
             raise StageError(f"split {split!r}, row {row}: label {label!r} out of range 0..{num_classes - 1}")
-        try:
-            image = decode_image(_image_bytes(encoded))
-        except ValueError as error:
-            raise StageError(f"split {split!r}, row {row}: {image_column} is {error}") from None
-        if image.mode != "RGB":
-            decoded.converted_modes[image.mode] += 1
-        decoded.images_uint8[row], was_resized = to_rgb_uint8(image)
-        decoded.resized += was_resized
-        decoded.labels[row] = label
-    return decoded
+    return np.asarray(labels, np.int64)
 
 
-def _iter_rows(raw_rows, image_column: str, label_column: str):
-    for batch in raw_rows.iter(batch_size=_READ_BATCH):
-        yield from zip(batch[image_column], batch[label_column])
+def decoded_rows(dataset, rows: np.ndarray, split: str, image_column: str, image_size: int, stats: SplitStats):
+    """(image uint8 [S, S, 3], raw row) of ``rows`` of ``dataset``, in that order, decoded a batch at a time;
+    StageError naming the raw split, the row and, when the dataset records one, its file."""
+    from datasets import Image
+
+    images = dataset.select_columns([image_column]).cast_column(image_column, Image(decode=False)).select(rows)
+    for start, batch in zip(range(0, len(rows), _READ_BATCH), images.iter(batch_size=_READ_BATCH)):
+        for row, encoded in zip(rows[start : start + _READ_BATCH], batch[image_column]):
+            try:
+                image = decode_image(_image_bytes(encoded))
+            except (OSError, ValueError) as error:
+                source = f" ({encoded['path']})" if encoded and encoded.get("path") else ""
+                raise StageError(f"split {split!r}, row {row}{source}: {image_column} is {error}") from None
+            if image.mode != "RGB":
+                stats.converted_modes[image.mode] += 1
+            pixels, was_resized = to_rgb_uint8(image, image_size)
+            stats.resized += was_resized
+            yield pixels, int(row)
 
 
 def _image_bytes(encoded) -> bytes:
@@ -137,8 +158,35 @@ def _image_bytes(encoded) -> bytes:
     raise ValueError("missing")
 
 
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which rows of which raw split make each output split, decided from the labels alone."""
+
+    sources: dict[str, tuple[str, np.ndarray]]  # output split -> (raw split, its rows in writing order)
+    test_from_train: bool
+
+
+def plan_splits(labels: dict[str, np.ndarray], params: PrepareParams) -> SplitPlan:
+    """Stratified, seeded splits: ``test`` is the raw test split when there is one, else
+    ``test_fraction`` of each class of train; ``val`` is ``val_fraction`` of each class of the rest."""
+    rng = np.random.default_rng(params.seed)
+    train_rows = np.arange(len(labels["train"]))
+    test_from_train = "test" not in labels
+    if test_from_train:
+        train_rows, test_rows = stratified_split(labels["train"], params.test_fraction, rng)
+        test = ("train", test_rows)
+    else:
+        test = ("test", np.arange(len(labels["test"])))
+    kept, val = stratified_split(labels["train"][train_rows], params.val_fraction, rng)
+    if len(kept) == 0:
+        raise StageError(f"split 'train' is empty after holding out prepare.val_fraction={params.val_fraction}")
+    if len(test[1]) == 0:
+        raise StageError(f"split 'test' is empty: prepare.test_fraction={params.test_fraction} of each class is less than 1")
+    return SplitPlan({"train": ("train", train_rows[kept]), "val": ("train", train_rows[val]), "test": test}, test_from_train)
+
+
 def run(params: PrepareParams, paths: ProjectPaths) -> DatasetInfo:
-    """Decode, split and shard data/raw into data/prepared; return what dataset.json records."""
+    """Decode, split and shard data/raw into data/prepared, streaming; return what dataset.json records."""
     import datasets
 
     started = time.perf_counter()
@@ -154,56 +202,68 @@ def run(params: PrepareParams, paths: ProjectPaths) -> DatasetInfo:
     for old_name, new_name in renamed_classes.items():
         log.info("class %r of %s renamed %r: a known misnaming in the dataset's card", old_name, params.label, new_name)
 
-    decoded = {}
+    sources = {}
     for split in ("train", "test"):
-        dataset = raw[split]
-        if params.limit is not None:
-            dataset = dataset.select(range(min(params.limit, dataset.num_rows)))
-        decoded[split] = decode_split(dataset, split, image_column, params.label, len(class_names))
-
-    rng = np.random.default_rng(params.seed)
-    train_indices, val_indices = stratified_split(decoded["train"].labels, params.val_fraction, rng)
-    if len(train_indices) == 0:
-        raise StageError(f"split 'train' is empty after holding out prepare.val_fraction={params.val_fraction}")
-    split_examples = {
-        "train": (decoded["train"].images_uint8[train_indices], decoded["train"].labels[train_indices]),
-        "val": (decoded["train"].images_uint8[val_indices], decoded["train"].labels[val_indices]),
-        "test": (decoded["test"].images_uint8, decoded["test"].labels),
-    }
-    mean_rgb, std_rgb = channel_stats(split_examples["train"][0])
+        if split in raw:
+            dataset = raw[split]
+            if dataset.num_rows == 0:
+                raise StageError(f"split {split!r} is empty")
+            sources[split] = dataset.select(range(min(params.limit, dataset.num_rows))) if params.limit else dataset
+    labels = {split: split_labels(dataset, split, params.label, len(class_names)) for split, dataset in sources.items()}
+    plan = plan_splits(labels, params)
+    if plan.test_from_train:
+        log.info("the dataset has no test split: test is %.0f%% of each class of train", 100 * params.test_fraction)
 
     with atomic_output(paths.prepared_dir) as staged:
         staged.mkdir()
-        split_infos = {}
-        for split, (images_uint8, labels) in split_examples.items():
-            shards = write_shards(staged, split, zip(images_uint8, labels), len(labels), params.examples_per_shard)
-            counts = np.bincount(labels, minlength=len(class_names)).tolist()
-            split_infos[split] = SplitInfo(num_examples=int(len(labels)), class_counts=counts, shards=shards)
+        split_infos, stats, train_sums = {}, {}, ChannelSums()
+        for split, (source, rows) in plan.sources.items():
+            stats[split] = SplitStats()
+            pixels = decoded_rows(sources[source], rows, source, image_column, params.image_size, stats[split])
+            pixels = progress(pixels, len(rows), f"prepare {split}", every=10_000)
+            if split == "train":
+                pixels = _summed(pixels, train_sums)
+            examples = ((image, labels[source][row]) for image, row in pixels)
+            shards = write_shards(staged, split, examples, len(rows), params.examples_per_shard)
+            counts = np.bincount(labels[source][rows], minlength=len(class_names)).tolist()
+            split_infos[split] = SplitInfo(num_examples=int(len(rows)), class_counts=counts, shards=shards)
+        mean_rgb, std_rgb = train_sums.mean_and_std()
         info = DatasetInfo(
             label_column=params.label,
             class_names=class_names,
             renamed_classes=renamed_classes,
-            image_shape=list(IMAGE_SHAPE),
+            image_shape=[params.image_size, params.image_size, 3],
             mean_rgb=mean_rgb,
             std_rgb=std_rgb,
             splits=split_infos,
-            resized_images={split: decoded[split].resized for split in decoded},
-            converted_modes={split: dict(decoded[split].converted_modes) for split in decoded},
+            resized_images={split: stats[split].resized for split in stats},
+            converted_modes={split: dict(stats[split].converted_modes) for split in stats},
+            test_from_train=plan.test_from_train,
+            test_fraction=params.test_fraction if plan.test_from_train else None,
         )
         info.write(staged)
 
     seconds = time.perf_counter() - started
     total = sum(split.num_examples for split in info.splits.values())
     log.info(
-        "wrote %s: %s examples in %.1f s (%.0f images/s); resized %s; converted modes %s",
+        "wrote %s: %s examples of %dx%d in %.1f s (%.0f images/s); resized %s; converted modes %s",
         paths.prepared_dir,
         {name: split.num_examples for name, split in info.splits.items()},
+        params.image_size,
+        params.image_size,
         seconds,
         total / seconds,
         info.resized_images,
         info.converted_modes,
     )
     return info
+
+
+def _summed(pixels, sums: ChannelSums):
+    """``pixels`` (image, row) passed through, each image added to ``sums``."""
+    for image, row in pixels:
+        sums.add(image)
+        yield image, row
 
 
 def main() -> None:

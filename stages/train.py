@@ -26,11 +26,12 @@ import tensorflow as tf
 
 from cifar100_dvc import hardware
 from cifar100_dvc.common import StageError, atomic_output, raise_if_interrupted, remove_path, run_main
-from cifar100_dvc.network import build_network
+from cifar100_dvc.network import build_network, float32_model
 from cifar100_dvc.params import TrainParams, load_params, to_dict
 from cifar100_dvc.paths import ProjectPaths
 from cifar100_dvc.records import DatasetInfo, read_split
 from cifar100_dvc.training import (
+    AirbenchSGD,
     augmenter,
     compile_model,
     device_settings_here,
@@ -174,7 +175,7 @@ def run(params: TrainParams, paths: ProjectPaths) -> dict:
         clock = TrainingClock(time.perf_counter() - seconds_before, params.time_budget_minutes, budget_spent)
         _fit(model, params, info, paths, steps_per_epoch, history, clock, run_fingerprint)
         summary = _summary(params, model, settings, machine, steps_per_epoch, history, clock)
-        inference_model = _without_optimizer(model, strategy)
+        inference_model = _inference_model(model, strategy)
     with atomic_output(paths.model_file) as staged:
         inference_model.save(staged)
     with atomic_output(paths.history_file) as staged:
@@ -202,11 +203,15 @@ def _check_crop(params: TrainParams, info: DatasetInfo, paths: ProjectPaths) -> 
     """A reflected border must come from inside the image: refuse, before any training, a padding
     TensorFlow's reflect would fail on mid-run (params alone cannot know the image size)."""
     height, width = info.image_shape[:2]
-    if params.augment and params.crop_fill == "reflect" and params.crop_padding >= min(height, width):
-        raise StageError(
-            f"train.crop_padding={params.crop_padding} with train.crop_fill=reflect must be below the "
-            f"{height}x{width} images in {paths.prepared_dir}"
-        )
+    if params.arch == "airbench":
+        key, padding = "train.airbench.translate", params.airbench.translate
+    elif params.crop_fill == "reflect":
+        key, padding = "train.crop_padding", params.crop_padding
+    else:
+        return
+    if params.augment and padding >= min(height, width):
+        fill = "" if params.arch == "airbench" else " with train.crop_fill=reflect"
+        raise StageError(f"{key}={padding}{fill} must be below the {height}x{width} images in {paths.prepared_dir}")
 
 
 def _build_or_resume(params, info, settings, strategy, steps_per_epoch, paths, state):
@@ -214,14 +219,7 @@ def _build_or_resume(params, info, settings, strategy, steps_per_epoch, paths, s
     weights and optimizer state loaded into it when resuming."""
     with strategy.scope():
         budget_spent = keras.Variable(0.0, trainable=False, name="budget_spent") if params.time_budget_minutes else None
-        model = build_network(
-            params.arch,
-            input_spec(info),
-            params.widths,
-            params.whiten_stem,
-            whitening_kernel(params, info, paths.prepared_dir),
-            params.dirac_init,
-        )
+        model = build_network(params, input_spec(info), whitening_kernel(params, info, paths.prepared_dir))
         compile_model(model, params, steps_per_epoch, settings.jit_compile, settings.steps_per_execution, budget_spent)
         if state:
             log.info("resuming from %s after epoch %d of %d", paths.checkpoint_dir, state["epoch"], params.epochs)
@@ -242,7 +240,7 @@ def _fit(model, params, info, paths, steps_per_epoch, history, clock, run_finger
         repeat=True,
         drop_remainder=True,
         skip_batches=initial_epoch * steps_per_epoch,
-        batch_transform=augmenter(params) if params.augment else None,
+        batch_transform=augmenter(params, info.splits["train"].num_examples) if params.augment else None,
     )
     val_batches = read_split(paths.prepared_dir, "val", params.batch_size) if info.splits["val"].num_examples else None
 
@@ -268,6 +266,8 @@ def _fit(model, params, info, paths, steps_per_epoch, history, clock, run_finger
             verbose=1 if sys.stdout.isatty() else 2,
             shuffle=False,  # the reader already shuffles, seeded
         )
+        if isinstance(model.optimizer, AirbenchSGD):
+            model.optimizer.finish_lookahead()  # a run stopped inside an epoch ends on the slow weights too
     # What was actually done, beside the last epoch's metrics (`dvc exp show`, `dvc metrics diff`).
     live.summary["epochs_done"], live.summary["images_seen"] = _work_done(history, steps_per_epoch * params.batch_size)
     live.summary["stopped_by_time_budget"] = int(clock.exhausted)
@@ -303,17 +303,10 @@ def _summary(params, model, settings, machine, steps_per_epoch, history, clock) 
     }
 
 
-def _without_optimizer(model: keras.Model, strategy: tf.distribute.Strategy) -> keras.Model:
-    """The same network and weights, uncompiled: the saved model is for inference, and small.
-
-    Rebuilt from its config, not cloned: ``keras.models.clone_model`` compiles the clone of a
-    compiled model, and a saved compile config (optimizer, WarmupSchedule, the smoothed loss)
-    makes a plain ``keras.models.load_model`` fail without cifar100_dvc.training's classes registered.
-    """
+def _inference_model(model: keras.Model, strategy: tf.distribute.Strategy) -> keras.Model:
+    """What is saved: the trained network for inference, small (no optimizer) and in float32 (``float32_model``)."""
     with strategy.scope():
-        clean = keras.Model.from_config(model.get_config())
-    clean.set_weights(model.get_weights())
-    return clean
+        return float32_model(model)
 
 
 def main() -> None:

@@ -32,12 +32,19 @@ def test_benchmark_writes_every_measurement(hub_dataset, tmp_path):
     assert results["prepare"]["images"] == 800 and results["prepare"]["images_per_s"] > 0
     source = results["input"]
     assert min(source["notebook_images_per_s"], source["reader_images_per_s"], source["reader_augment_images_per_s"]) > 0
-    assert [row["batch_size"] for row in results["train"]] == [32, 256, 256]
+    # notebook, baseline and resnet at their batches; airbench's 1024 cut to the 540 train images
+    assert [row["batch_size"] for row in results["train"]] == [32, 256, 256, 540]
+    assert ["airbench" in row["name"] for row in results["train"]] == [False, False, False, True]
+    ceiling, project_dtype = results["matmul_gflops_per_s"], "bfloat16" if results["compute"]["bfloat16"] else "float32"
+    assert set(ceiling) == {"float32", project_dtype} and min(ceiling.values()) > 0
     for row in results["train"]:
         assert row["images_per_s"] > 0 and row["compute_only_images_per_s"] > 0
         assert row["end_to_end_fraction_of_compute"] == pytest.approx(
             row["images_per_s"] / row["compute_only_images_per_s"], abs=2e-3
         )
+        assert row["training_flops_per_image"] > 1e6
+        peak = ceiling["float32" if "notebook" in row["name"] else project_dtype]
+        assert row["share_of_matmul_peak"] == pytest.approx(row["gflops_per_s"] / peak, abs=2e-3)
     assert results["baseline_speedup"] == pytest.approx(
         results["train"][1]["images_per_s"] / results["train"][0]["images_per_s"], abs=0.01
     )
@@ -56,5 +63,7 @@ def test_benchmark_writes_every_measurement(hub_dataset, tmp_path):
         "prepare (800 images",
         "No-op `dvc repro`",
         "+ fused BatchNorm",
+        "Share of the machine's peak",
+        "| training | MFLOPs per image |",
     ):
         assert heading in table

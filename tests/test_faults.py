@@ -35,10 +35,11 @@ def run_predict(*args: str) -> subprocess.CompletedProcess:
 def project_model(tmp_path_factory) -> Path:
     """An untrained model built by this project (20 coarse classes): what predict needs, in a second."""
     from cifar100_dvc.network import InputSpec, build_network
+    from cifar100_dvc.params import TrainParams
 
     spec = InputSpec((32, 32, 3), tuple(COARSE_NAMES), (128.0, 128.0, 128.0), (64.0, 64.0, 64.0))
     path = tmp_path_factory.mktemp("model") / "model.keras"
-    build_network("resnet", spec, (8, 8, 16, 16)).save(path)
+    build_network(TrainParams(arch="resnet", widths=(8, 8, 16, 16)), spec).save(path)
     return path
 
 
@@ -99,10 +100,10 @@ def test_predict_names_what_is_wrong_with_a_model(tmp_path, make, message):
     ("model_kwargs", "problem"),
     [
         ({"input_dtype": "float32"}, "it takes float32 inputs, not uint8 pixels"),
-        ({"input_shape": (64, 64, 3)}, "it takes inputs of shape (None, 64, 64, 3), not images of shape (None, 32, 32, 3)"),
+        ({"input_shape": (64, 32, 3)}, "it takes inputs of shape (None, 64, 32, 3), not square RGB images (None, size, size, 3)"),
         ({}, "it has no class_names layer"),
     ],
-    ids=["float-input", "other-size", "no-class-names"],
+    ids=["float-input", "not-square", "no-class-names"],
 )
 def test_foreign_models_are_told_apart(tmp_path, model_kwargs, problem):
     import keras

@@ -10,10 +10,23 @@ import pytest
 import tensorflow as tf
 
 from cifar100_dvc.augment import crop_and_flip, random_crop, random_flip
-from cifar100_dvc.network import ARCHITECTURES, FusedBatchNormalization, InputSpec, build_baseline, build_network, class_names_of
+from cifar100_dvc.network import (
+    ARCHITECTURES,
+    FusedBatchNormalization,
+    InputSpec,
+    build_baseline,
+    build_network,
+    class_names_of,
+    patch_whitening_kernel,
+)
+from cifar100_dvc.params import AirbenchParams, TrainParams
 from cifar100_dvc.training import SmoothedSparseCrossentropy
 
-SMALL_WIDTHS = (8, 8, 16, 16)
+SMALL = {  # each architecture at a small width, for the tests that train or save it
+    "baseline": TrainParams(arch="baseline"),
+    "resnet": TrainParams(arch="resnet", widths=(8, 8, 16, 16)),
+    "airbench": TrainParams(arch="airbench", airbench=AirbenchParams(widths=(16, 32, 32))),
+}
 
 
 def spec(num_classes: int) -> InputSpec:
@@ -74,14 +87,18 @@ def test_fused_batch_norm_falls_back_where_the_kernel_does_not_apply():
 
 
 def test_default_resnet_size_is_pinned():
-    model = build_network("resnet", spec(100), (16, 32, 64, 128))
+    model = build_network(TrainParams(arch="resnet", widths=(16, 32, 64, 128)), spec(100))
     assert count(model.trainable_weights) == 424_564
+
+
+def test_every_architecture_is_tested():
+    assert set(SMALL) == set(ARCHITECTURES)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_logits_shape_from_raw_uint8(arch, num_classes):
-    model = build_network(arch, spec(num_classes), SMALL_WIDTHS)
+    model = build_network(SMALL[arch], spec(num_classes))
     images_uint8 = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     logits = model.predict(images_uint8, verbose=0)
     assert logits.shape == (3, num_classes) and logits.dtype == np.float32
@@ -89,7 +106,7 @@ def test_logits_shape_from_raw_uint8(arch, num_classes):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_save_then_load_in_safe_mode_gives_identical_predictions(arch, tmp_path):
-    model = build_network(arch, spec(20), SMALL_WIDTHS)
+    model = build_network(SMALL[arch], spec(20))
     images_uint8 = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     path = tmp_path / "model.keras"
     model.save(path)
@@ -101,7 +118,7 @@ def test_save_then_load_in_safe_mode_gives_identical_predictions(arch, tmp_path)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_initial_loss_is_near_log_num_classes(arch):
     keras.utils.set_random_seed(0)
-    model = build_network(arch, spec(100), SMALL_WIDTHS)
+    model = build_network(SMALL[arch], spec(100))
     rng = np.random.default_rng(2)
     images_uint8 = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 100, 64)
@@ -112,10 +129,12 @@ def test_initial_loss_is_near_log_num_classes(arch):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_small_model_overfits_a_small_batch(arch):
     keras.utils.set_random_seed(0)
-    model = build_network(arch, spec(10), SMALL_WIDTHS)
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=SmoothedSparseCrossentropy(), metrics=["accuracy"])
     rng = np.random.default_rng(3)
     images_uint8 = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    # airbench's frozen stem sees the images only through its whitening kernel, computed from them.
+    kernel = patch_whitening_kernel(images_uint8, spec(10), centered=False) if arch == "airbench" else None
+    model = build_network(SMALL[arch], spec(10), kernel)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=SmoothedSparseCrossentropy(), metrics=["accuracy"])
     labels = np.arange(32) % 10
     # 150 steps on the same batch, in 10 epochs of 15 (150 one-step epochs mostly timed Keras' epoch loop).
     batches = tf.data.Dataset.from_tensors((images_uint8, labels)).repeat()
@@ -200,7 +219,7 @@ def test_whitened_stem_is_frozen_and_survives_save_and_load(tmp_path):
 
     images_uint8 = np.random.default_rng(1).integers(0, 256, size=(32, 32, 32, 3), dtype=np.uint8)
     kernel = patch_whitening_kernel(images_uint8, spec(10))
-    model = build_network("resnet", spec(10), (16, 32, 64, 128), whiten_stem=True, whitening_kernel=kernel)
+    model = build_network(TrainParams(arch="resnet", widths=(16, 32, 64, 128), whiten_stem=True), spec(10), kernel)
     stem = model.get_layer("stem_whiten")
     assert not stem.trainable and not stem.trainable_weights
     np.testing.assert_array_equal(stem.kernel.numpy(), kernel)
@@ -222,3 +241,20 @@ def test_dirac_initializer_passes_the_first_channels_through_and_draws_the_rest(
     assert np.abs(kernel[..., 4:]).sum() > 0 and not np.allclose(outputs[..., 4:], 0)  # filters 4-5: random
     config = keras.initializers.serialize(DiracInitializer(seed=3))
     np.testing.assert_array_equal(np.asarray(keras.initializers.deserialize(config)((3, 3, 4, 6))), kernel)
+
+
+def test_training_flops_are_counted_from_the_layers():
+    from cifar100_dvc.network import training_flops_per_image
+
+    inputs = keras.Input((8, 8, 3))
+    frozen = keras.layers.Conv2D(4, 3, padding="same", trainable=False)(inputs)  # forward only
+    learned = keras.layers.Conv2D(6, 3, padding="valid")(frozen)  # 6x6 out; no input gradient: nothing trains before it
+    pooled = keras.layers.GlobalMaxPooling2D()(learned)
+    logits = keras.layers.Dense(5)(pooled)  # forward, input gradient and kernel gradient
+    model = keras.Model(inputs, logits)
+    frozen_forward = 2 * 8 * 8 * 4 * 3 * 3 * 3
+    learned_forward = 2 * 6 * 6 * 6 * 3 * 3 * 4
+    dense_forward = 2 * 6 * 5
+    assert training_flops_per_image(model) == frozen_forward + 2 * learned_forward + 3 * dense_forward
+    # airbench93 for 10 classes: 108.1 MFLOPs forward; training about 3x, less the frozen stem's backward.
+    assert training_flops_per_image(build_network(TrainParams(arch="airbench"), spec(10))) == 324_236_352

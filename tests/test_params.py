@@ -22,7 +22,7 @@ def test_repo_params_load_and_are_frozen():
     params = load_params(REPO_ROOT / "params.yaml")
     assert params.fetch.dataset == "uoft-cs/cifar100"
     assert params.prepare.label == "fine_label"
-    assert params.train.arch == "resnet"
+    assert params.train.arch == "airbench"
     assert isinstance(params.train.widths, tuple)
     with pytest.raises(dataclasses.FrozenInstanceError):
         params.train.epochs = 3
@@ -39,7 +39,7 @@ def test_params_yaml_holds_exactly_the_documented_defaults():
         ("train", "epochs", 0, "'train.epochs' must be >= 1"),
         ("train", "epochs", 2.5, "'train.epochs' must be an integer"),
         ("train", "epochs", True, "'train.epochs' must be an integer"),
-        ("train", "arch", "vgg", "'train.arch' must be one of resnet, baseline"),
+        ("train", "arch", "vgg", "'train.arch' must be one of airbench, resnet, baseline"),
         ("train", "learning_rate", 0, "'train.learning_rate' must be > 0"),
         ("train", "widths", [32, 0, 64, 64], "'train.widths[1]' must be >= 1"),
         ("train", "augment", "yes", "'train.augment' must be true or false"),
@@ -114,7 +114,7 @@ def test_params_are_read_as_dvc_reads_them(tmp_path):
 
 def test_a_duplicate_key_is_refused_with_its_line(tmp_path):
     def edit(text: str) -> str:
-        return text.replace("  epochs: 18\n", "  epochs: 18\n  epochs: 2\n")
+        return re.sub(r"\n  epochs: (\d+)\n", r"\n  epochs: \1\n  epochs: 2\n", text)
 
     path = write_params(tmp_path, edit)
     line = path.read_text().splitlines().index("  epochs: 2") + 1

@@ -65,9 +65,13 @@ def test_dataset_json_describes_the_shards(prepared_paths):
     mean, std = train_images.reshape(-1, 3).mean(axis=0), train_images.reshape(-1, 3).std(axis=0)
     np.testing.assert_allclose(info.mean_rgb, mean, rtol=1e-9)
     np.testing.assert_allclose(info.std_rgb, std, rtol=1e-9)
-    # every 7th row from row 1 is odd: 6 modes then 2 sizes, in turn
-    assert info.resized_images["train"] == sum(1 for i in range(600) if i % 7 == 1 and (i // 7) % 8 >= 6)
-    assert set(info.converted_modes["train"]) == {"L", "LA", "RGBA", "P", "I;16", "CMYK"}
+    # every 7th row from row 1 is odd: 6 modes then 2 sizes, in turn; counted per output split
+    assert set(info.resized_images) == set(info.converted_modes) == {"train", "val", "test"}
+    odd_sizes = sum(1 for i in range(600) if i % 7 == 1 and (i // 7) % 8 >= 6)
+    assert info.resized_images["train"] + info.resized_images["val"] == odd_sizes
+    modes = {mode for split in ("train", "val") for mode in info.converted_modes[split]}
+    assert modes == {"L", "LA", "RGBA", "P", "I;16", "CMYK"}
+    assert not info.test_from_train and info.test_fraction is None
     assert json.loads((prepared_paths.prepared_dir / "dataset.json").read_text())["splits"]["test"]["num_examples"] == 200
 
 

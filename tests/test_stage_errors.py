@@ -121,10 +121,10 @@ def test_local_directory_without_dataset_card_is_told_what_it_lacks(tmp_path):
     assert not (root / "data" / "raw").exists()
 
 
-def test_dataset_without_test_split_is_refused(tmp_path):
-    dataset = write_hub_dataset(tmp_path / "dataset", {"train": make_rows(20, 1)})
+def test_dataset_without_train_split_is_refused(tmp_path):
+    dataset = write_hub_dataset(tmp_path / "dataset", {"test": make_rows(20, 1)})
     root = make_project(tmp_path / "project", dataset, **TINY_PARAMS)
-    assert_one_line_error(run_stage(root, "fetch"), "has no split(s) ['test']")
+    assert_one_line_error(run_stage(root, "fetch"), "has no train split (has ['test'])")
     assert not (root / "data" / "raw").exists()
 
 
@@ -180,17 +180,25 @@ def test_empty_split_is_refused_by_fetch(tmp_path):
     assert not (root / "data" / "raw").exists()
 
 
-def test_empty_split_is_refused_by_prepare():
+def test_empty_split_is_refused_by_prepare(tmp_path, monkeypatch):
     import datasets
 
     from cifar100_dvc.common import StageError
-    from stages.prepare import decode_split
+    from cifar100_dvc.params import PrepareParams
+    from cifar100_dvc.paths import ProjectPaths
+    from stages import prepare
 
-    empty = datasets.Dataset.from_dict(
-        {"img": [], "label": []}, features=datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
-    )
-    with pytest.raises(StageError, match="split 'val' is empty"):
-        decode_split(empty, "val", "img", "label", num_classes=1)
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rows = {"img": [{"bytes": row.encoded, "path": None} for row in make_rows(4, 1)], "label": [0, 1, 0, 1]}
+    splits = {"train": datasets.Dataset.from_dict(rows, features=features)}
+    splits["test"] = datasets.Dataset.from_dict({"img": [], "label": []}, features=features)
+    paths = ProjectPaths(tmp_path)
+    paths.raw_dir.mkdir(parents=True)
+    # fetch refuses an empty split, and datasets cannot even load one saved: a raw directory from elsewhere.
+    monkeypatch.setattr(datasets, "load_from_disk", lambda path: datasets.DatasetDict(splits))
+    with pytest.raises(StageError, match="split 'test' is empty"):
+        prepare.run(PrepareParams(label="label"), paths)
+    assert not paths.prepared_dir.exists()
 
 
 def test_missing_upstream_artifacts_say_which_stage_to_run(project):

@@ -191,7 +191,7 @@ def test_reflected_crop_padding_as_large_as_the_image_is_refused_before_training
     ],
 )
 def test_each_optimizer_choice_is_its_own_optimizer(optimizer, weight_decay, expected_class, expected_decay):
-    params = TrainParams(optimizer=optimizer, weight_decay=weight_decay)
+    params = TrainParams(arch="resnet", optimizer=optimizer, weight_decay=weight_decay)
     made = training.make_optimizer(params, steps_per_epoch=10)
     assert type(made) is expected_class  # exact: AdamW subclasses Adam
     assert made.weight_decay == (pytest.approx(expected_decay) if expected_decay else None)
@@ -201,7 +201,7 @@ def test_each_optimizer_choice_is_its_own_optimizer(optimizer, weight_decay, exp
 
 def test_adam_with_weight_decay_is_refused_even_when_params_were_not_parsed():
     with pytest.raises(StageError, match="'train.optimizer: adam' is plain Adam with no weight decay"):
-        training.make_optimizer(TrainParams(optimizer="adam", weight_decay=5e-4), steps_per_epoch=10)
+        training.make_optimizer(TrainParams(arch="resnet", optimizer="adam", weight_decay=5e-4), steps_per_epoch=10)
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_zero():

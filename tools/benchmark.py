@@ -9,11 +9,15 @@ Writes benchmarks/results.json and benchmarks/results.md, measured in this order
 2. input throughput (images/s): the notebook's pipeline (``from_generator`` over the
    ``datasets`` object, ``map``, batch 32) against the project's TFRecord reader, without and
    with augmentation;
-3. training throughput (images/s) of ``baseline`` at the notebook's settings and at the
-   project's, and of the default arch, each end to end and compute-only (one batch held in
-   memory), giving the share of time lost to input; then where the baseline's speed-up comes
-   from, one change at a time (compute only);
-4. wall time of a no-op ``dvc repro``.
+3. the machine's practical ceiling: the rate of a large dense matrix multiply (FLOP/s) at each
+   precision the rows train in;
+4. training throughput (images/s) of ``baseline`` at the notebook's settings and at the
+   project's, and of the ``resnet`` and ``airbench`` recipes, each end to end and compute-only
+   (one batch held in memory), giving the share of time lost to input, with each network's
+   floating-point operations per training image (``training_flops_per_image``), the FLOP/s they
+   make and that as a share of the ceiling; then where the baseline's speed-up comes from, one
+   change at a time (compute only);
+5. wall time of a no-op ``dvc repro``.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ import numpy as np
 
 from cifar100_dvc import hardware, scratch
 from cifar100_dvc.common import StageError, one_line, run_main
-from cifar100_dvc.params import TrainParams, load_params
+from cifar100_dvc.params import Params, TrainParams, load_params
 from cifar100_dvc.paths import REPO_ROOT, ProjectPaths
+from cifar100_dvc.recipes import recipe
 
 if TYPE_CHECKING:  # TensorFlow-backed modules, imported where used: `--help` and argument errors stay fast
     from cifar100_dvc.records import DatasetInfo
@@ -180,29 +185,12 @@ class Workload:
 
 @dataclass(frozen=True)
 class ModelRecipe:
-    """One measured model: its network, train settings and dtype policy; with ``stock_batch_norm``,
-    the notebook's graph (Keras' BatchNormalization, one step per call, no XLA)."""
+    """One measured model: its train settings (network included) and dtype policy; with
+    ``stock_batch_norm``, the notebook's graph (Keras' BatchNormalization, one step per call, no XLA)."""
 
-    arch: str
     settings: TrainParams
     policy: str
     stock_batch_norm: bool = False
-
-
-def notebook_settings(train_params: TrainParams) -> TrainParams:
-    """The notebook's recipe: baseline, Adam at 1e-3, batch 32, constant rate, no decay, smoothing or augmentation."""
-    return dataclasses.replace(
-        train_params,
-        arch="baseline",
-        optimizer="adam",
-        learning_rate=1e-3,
-        batch_size=32,
-        schedule="constant",
-        warmup_epochs=0.0,
-        weight_decay=0.0,
-        label_smoothing=0.0,
-        augment=False,
-    )
 
 
 def resolve_dataset(dataset: str, label: str | None, work: Path) -> tuple[str, str | None]:
@@ -243,20 +231,21 @@ def load_workload(paths: ProjectPaths, info: DatasetInfo, label: str, train_para
     return Workload(paths, info, raw_train, find_image_column(raw_train.features), label, train_params, device)
 
 
-def train_reader(work: Workload, batch_size: int, augment: bool):
-    """The project's reader over the train split: shuffled (seed 0), repeated, whole batches, optionally augmented."""
+def train_reader(work: Workload, settings: TrainParams, augment: bool):
+    """The project's reader over the train split for ``settings``: shuffled (seed 0), repeated, whole
+    batches, optionally with the recipe's augmentation."""
     from cifar100_dvc import training
     from cifar100_dvc.records import read_split
 
     return read_split(
         work.paths.prepared_dir,
         "train",
-        batch_size,
+        settings.batch_size,
         shuffle_seed=0,
-        shuffle_buffer=work.train_params.shuffle_buffer,
+        shuffle_buffer=settings.shuffle_buffer,
         repeat=True,
         drop_remainder=True,
-        batch_transform=training.augmenter(work.train_params) if augment else None,
+        batch_transform=training.augmenter(settings, work.num_train) if augment else None,
     )
 
 
@@ -268,30 +257,55 @@ def make_model(work: Workload, recipe: ModelRecipe):
     from cifar100_dvc.network import build_baseline, build_network
 
     spec = training.input_spec(work.info)
-    steps_per_epoch = work.num_train // work.train_params.batch_size
+    settings = recipe.settings
+    steps_per_epoch = work.num_train // settings.batch_size
     with training.dtype_policy(recipe.policy):
         if recipe.stock_batch_norm:
             model = build_baseline(spec, batch_norm=keras.layers.BatchNormalization)
             jit_compile, steps_per_execution = False, 1
         else:
-            settings = recipe.settings
-            kernel = training.whitening_kernel(settings, work.info, work.paths.prepared_dir)
-            model = build_network(recipe.arch, spec, settings.widths, settings.whiten_stem, kernel, settings.dirac_init)
+            model = build_network(settings, spec, training.whitening_kernel(settings, work.info, work.paths.prepared_dir))
             jit_compile, steps_per_execution = work.device.jit_compile, work.device.steps_per_execution
-        training.compile_model(model, recipe.settings, steps_per_epoch, jit_compile, steps_per_execution)
+        training.compile_model(model, settings, steps_per_epoch, jit_compile, steps_per_execution)
     return model
+
+
+def matmul_flops_per_s(dtype: str, size: int = 4096, repeats: int = 5) -> float:
+    """The best FLOP/s of ``size`` x ``size`` matrix products in ``dtype``: the dense rate that bounds
+    what a training step of convolutions (matrix products underneath) can reach on this machine."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    a, b = (tf.constant(rng.normal(size=(size, size)), dtype) for _ in range(2))
+    product = tf.function(lambda x, y: tf.reduce_sum(tf.cast(tf.matmul(x, y)[:1, :1], tf.float32)))
+    product(a, b).numpy()  # trace, warm the kernels
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        product(a, b).numpy()
+        best = min(best, time.perf_counter() - started)
+    return 2.0 * size**3 / best
+
+
+def measure_ceiling(policies: list[str], repeats: int) -> dict:
+    """The dense matrix-multiply rate (GFLOP/s) at each compute precision of ``policies``."""
+    dtypes = sorted({"bfloat16" if policy == "mixed_bfloat16" else "float32" for policy in policies})
+    ceiling = {dtype: round(matmul_flops_per_s(dtype, repeats=max(3, repeats)) / 1e9, 1) for dtype in dtypes}
+    log.info("matmul GFLOP/s %s", ceiling)
+    return ceiling
 
 
 def measure_inputs(work: Workload, input_images: int) -> dict:
     """Images/s of the notebook's input pipeline and of the project's reader, without and with augmentation."""
-    batch = work.train_params.batch_size
-    warm = train_reader(work, batch, augment=False)
+    warm = train_reader(work, work.train_params, augment=False)
     timed_images(warm, work.num_train)  # first pass fills the in-memory cache
     notebook_rate = timed_images(notebook_input(work.raw_train, work.image_column, work.label), input_images)
     rates = {
         "notebook_images_per_s": round(notebook_rate, 1),
         "reader_images_per_s": round(timed_images(warm, 4 * work.num_train), 1),
-        "reader_augment_images_per_s": round(timed_images(train_reader(work, batch, augment=True), 4 * work.num_train), 1),
+        "reader_augment_images_per_s": round(
+            timed_images(train_reader(work, work.train_params, augment=True), 4 * work.num_train), 1
+        ),
     }
     rates["speedup"] = round(rates["reader_images_per_s"] / notebook_rate, 1)
     rates["speedup_with_augment"] = round(rates["reader_augment_images_per_s"] / notebook_rate, 1)
@@ -310,59 +324,95 @@ def compute_settings(work: Workload, machine_report: dict) -> dict:
     }
 
 
-def measure_training_rows(work: Workload, images_per_run: int, repeats: int) -> list[dict]:
-    """End-to-end and compute-only rows: baseline at the notebook's settings (its generator input) and
-    at the project's (the reader), and the default recipe."""
-    params, policy, batch = work.train_params, work.device.mixed_precision_policy, work.train_params.batch_size
-    project_baseline = dataclasses.replace(params, arch="baseline")
+def project_recipes(params: Params, num_train: int) -> dict[str, TrainParams]:
+    """The recipes the training rows measure: the notebook's, the baseline at the resnet recipe's settings,
+    the resnet recipe and airbench (params.yaml's default). A batch larger than the ``num_train`` train
+    images (a small dataset) is cut to them; the rows name the batch they ran."""
+    resnet = recipe(params, "resnet").train
+    recipes = {
+        "notebook": recipe(params, "notebook").train,
+        "baseline": dataclasses.replace(resnet, arch="baseline"),
+        "resnet": resnet,
+        "airbench": params.train if params.train.arch == "airbench" else dataclasses.replace(params.train, arch="airbench"),
+    }
+    return {
+        name: dataclasses.replace(settings, batch_size=min(settings.batch_size, num_train)) for name, settings in recipes.items()
+    }
+
+
+def recipe_label(settings: TrainParams) -> str:
+    if settings.arch == "airbench":
+        return f"airbench {list(settings.airbench.widths)}"
+    return f"resnet {list(settings.widths)}" if settings.arch == "resnet" else settings.arch
+
+
+def measure_training_rows(work: Workload, params: Params, ceiling: dict, images_per_run: int, repeats: int) -> list[dict]:
+    """End-to-end and compute-only rows: baseline at the notebook's settings (its generator input) and at the
+    project's (the reader), then the resnet and airbench recipes; each with its FLOPs and share of ``ceiling``."""
+    policy = work.device.mixed_precision_policy
+    recipes = project_recipes(params, work.num_train)
     notebook_batches = notebook_input(work.raw_train, work.image_column, work.label, batch_size=32, scale=False).repeat()
-    # Each reader is made when its row is measured, after the previous row's models and iterators are freed.
-    return [
-        measure_training(
+    rows = [
+        (
             "baseline, notebook settings (generator input, batch 32, Adam, float32, Keras BatchNorm)",
-            functools.partial(
-                make_model, work, ModelRecipe("baseline", notebook_settings(params), "float32", stock_batch_norm=True)
-            ),
+            ModelRecipe(recipes["notebook"], "float32", stock_batch_norm=True),
             notebook_batches,
-            images_per_run,
-            repeats,
-        ),
-        measure_training(
-            f"baseline, project settings (reader, batch {batch}, augment, {policy}, fused BatchNorm)",
-            functools.partial(make_model, work, ModelRecipe("baseline", project_baseline, policy)),
-            train_reader(work, batch, augment=True),
-            images_per_run,
-            repeats,
-        ),
-        measure_training(
-            f"default ({params.arch} {list(params.widths)}, batch {batch}, augment, {policy})",
-            functools.partial(make_model, work, ModelRecipe(params.arch, params, policy)),
-            train_reader(work, batch, augment=True),
-            images_per_run,
-            repeats,
-        ),
+        )
     ]
+    for name in ("baseline", "resnet", "airbench"):
+        settings = recipes[name]
+        default = " (the default)" if settings.arch == params.train.arch else ""
+        title = f"{recipe_label(settings)}{default}, batch {settings.batch_size}, reader + augmentation, {policy}"
+        if name == "baseline":
+            title = f"baseline, project settings (reader, batch {settings.batch_size}, augment, {policy}, fused BatchNorm)"
+        rows.append((title, ModelRecipe(settings, policy), None))
+    measured = []
+    for title, model_recipe, batches in rows:
+        # Each reader is made when its row is measured, after the previous row's models and iterators are freed.
+        batches = batches if batches is not None else train_reader(work, model_recipe.settings, augment=True)
+        row = measure_training(title, functools.partial(make_model, work, model_recipe), batches, images_per_run, repeats)
+        measured.append({**row, **flops_columns(work, model_recipe, row, ceiling)})
+    return measured
 
 
-def baseline_breakdown(work: Workload, train_rows: list[dict], images_per_run: int, repeats: int) -> list[dict]:
+def flops_columns(work: Workload, model_recipe: ModelRecipe, row: dict, ceiling: dict) -> dict:
+    """The row's network's training FLOPs per image, the GFLOP/s it made end to end and compute-only, and
+    those as shares of the matrix-multiply ceiling at its precision."""
+    from cifar100_dvc.network import training_flops_per_image
+
+    flops = training_flops_per_image(make_model(work, model_recipe))
+    settle()
+    peak = ceiling["bfloat16" if model_recipe.policy == "mixed_bfloat16" else "float32"]
+    end_to_end, compute_only = flops * row["images_per_s"] / 1e9, flops * row["compute_only_images_per_s"] / 1e9
+    return {
+        "training_flops_per_image": flops,
+        "gflops_per_s": round(end_to_end, 1),
+        "compute_only_gflops_per_s": round(compute_only, 1),
+        "share_of_matmul_peak": round(end_to_end / peak, 3),
+        "compute_only_share_of_matmul_peak": round(compute_only / peak, 3),
+    }
+
+
+def baseline_breakdown(work: Workload, params: Params, train_rows: list[dict], images_per_run: int, repeats: int) -> list[dict]:
     """Where the baseline's speed-up comes from: one change at a time from the notebook's settings, compute only
     (the first and last steps are the notebook and project rows of ``train_rows``)."""
-    params, policy, batch = work.train_params, work.device.mixed_precision_policy, work.train_params.batch_size
-    project_baseline = dataclasses.replace(params, arch="baseline")
-    project_batch = next(iter(train_reader(work, batch, augment=True)))
+    policy = work.device.mixed_precision_policy
+    project_baseline = project_recipes(params, work.num_train)["baseline"]
+    project_batch = next(iter(train_reader(work, project_baseline, augment=True)))
     notebook_row, project_row = train_rows[0], train_rows[1]
+    batch = project_baseline.batch_size
     return [
         {**notebook_row, "name": "notebook settings (batch 32, float32, Keras BatchNorm)"},
         measure_compute_only(
             f"+ project optimizer and batch {batch}",
-            functools.partial(make_model, work, ModelRecipe("baseline", project_baseline, "float32", stock_batch_norm=True)),
+            functools.partial(make_model, work, ModelRecipe(project_baseline, "float32", stock_batch_norm=True)),
             project_batch,
             images_per_run,
             repeats,
         ),
         measure_compute_only(
             "+ fused BatchNorm",
-            functools.partial(make_model, work, ModelRecipe("baseline", project_baseline, "float32")),
+            functools.partial(make_model, work, ModelRecipe(project_baseline, "float32")),
             project_batch,
             images_per_run,
             repeats,
@@ -389,10 +439,11 @@ def run_benchmark(dataset: str, label: str | None, out_dir: Path, images_per_run
         work = load_workload(paths, info, label, params.train)
         results["input"] = measure_inputs(work, input_images)
         results["compute"] = compute_settings(work, machine_report)
-        results["train"] = measure_training_rows(work, images_per_run, repeats)
+        results["matmul_gflops_per_s"] = measure_ceiling(["float32", work.device.mixed_precision_policy], repeats)
+        results["train"] = measure_training_rows(work, params, results["matmul_gflops_per_s"], images_per_run, repeats)
         notebook_row, project_row = results["train"][0], results["train"][1]
         results["baseline_speedup"] = round(project_row["images_per_s"] / notebook_row["images_per_s"], 2)
-        results["baseline_steps"] = baseline_breakdown(work, results["train"], images_per_run, repeats)
+        results["baseline_steps"] = baseline_breakdown(work, params, results["train"], images_per_run, repeats)
         results["noop_dvc_repro_seconds"] = noop_repro_seconds(dataset, label, scratch_dir / "repo")
         log.info("no-op dvc repro: %.2f s", results["noop_dvc_repro_seconds"])
     finally:
@@ -464,6 +515,20 @@ def to_markdown(results: dict) -> str:
         "",
         f"Baseline speed-up, project settings over notebook settings: {results['baseline_speedup']}x  ",
         f"No-op `dvc repro`: {results['noop_dvc_repro_seconds']} s",
+        "",
+        "Share of the machine's peak: each network's training FLOPs per image (its convolutions and dense layers, "
+        "forward and backward, counted from the layers: `cifar100_dvc.network.training_flops_per_image`) times its "
+        "images/s, against a large matrix multiply at the same precision, measured in this run ("
+        + ", ".join(f"{dtype}: {rate:,.0f} GFLOP/s" for dtype, rate in results["matmul_gflops_per_s"].items())
+        + "):",
+        "",
+        "| training | MFLOPs per image | GFLOP/s end to end | share of the matmul rate | compute-only share |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *(
+            f"| {row['name']} | {row['training_flops_per_image'] / 1e6:,.1f} | {row['gflops_per_s']:,.1f} "
+            f"| {row['share_of_matmul_peak']:.1%} | {row['compute_only_share_of_matmul_peak']:.1%} |"
+            for row in results["train"]
+        ),
         "",
         "Where the baseline's speed-up comes from, one change at a time (compute only):",
         "",

@@ -1,7 +1,8 @@
 """Classify image files with the trained model: ``python -m tools.predict IMAGE_OR_DIR ...``.
 
-Each file (PNG, JPEG, ...; any mode or size) is converted to 32x32 RGB exactly as ``prepare``
-converts the dataset, then the model's top-k classes are printed with their probabilities.
+Each file (PNG, JPEG, ...; any mode or size) is converted to the model's own input size, in RGB,
+exactly as ``prepare`` converts the dataset, then the model's top-k classes are printed with their
+probabilities.
 A directory classifies every image file in it. A file that cannot be read gets a one-line
 error on stderr and the others are still classified; the exit status is 1 if any failed.
 """
@@ -18,7 +19,7 @@ import numpy as np
 
 from cifar100_dvc.common import StageError, one_line, setup_logging
 from cifar100_dvc.images import decode_image, to_rgb_uint8
-from cifar100_dvc.inference import load_model, predict_probabilities
+from cifar100_dvc.inference import image_size_of, load_model, predict_probabilities
 from cifar100_dvc.paths import ProjectPaths
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -42,10 +43,10 @@ def expand_inputs(arguments: list[Path]) -> list[Path]:
     return files
 
 
-def load_image(path: Path) -> np.ndarray | str:
-    """The file as 32x32 RGB uint8 pixels, converted as ``prepare`` converts, or why it cannot be read."""
+def load_image(path: Path, size: int) -> np.ndarray | str:
+    """The file as ``size`` x ``size`` RGB uint8 pixels, converted as ``prepare`` converts, or why it cannot be read."""
     try:
-        pixels, _ = to_rgb_uint8(decode_image(path.read_bytes()))
+        pixels, _ = to_rgb_uint8(decode_image(path.read_bytes()), size)
         return pixels
     except (OSError, ValueError) as error:
         return one_line(error)
@@ -61,7 +62,8 @@ def predict_files(model, files: list[Path], k: int = 5, tta_flip: bool = False, 
     """A Prediction for each file, in order: its top-k classes, or its error."""
     from cifar100_dvc.network import class_names_of
 
-    loaded = [load_image(path) for path in files]
+    size = image_size_of(model)
+    loaded = [load_image(path, size) for path in files]
     readable = [pixels for pixels in loaded if not isinstance(pixels, str)]
     ranked = iter([])
     if readable:

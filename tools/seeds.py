@@ -1,12 +1,13 @@
 """One recipe over several seeds: queue the runs as DVC experiments, then report mean and spread.
 
-    python -m tools.seeds queue NAME --seeds 0 1 2 [-S key=value ...] [--start] [--wait]
+    python -m tools.seeds queue NAME --seeds 0 1 2 [--recipe RECIPE] [-S key=value ...] [--start] [--wait]
     python -m tools.seeds show [NAME ...] [--test] [--json]
 
-``queue`` adds one DVC experiment per seed, named ``NAME-s<seed>``, with ``-S train.seed=<seed>``
-and the given overrides (``dvc exp run --queue``; a relative ``fetch.dataset`` directory is made
-absolute, since queued runs start in a temporary copy of the repository); ``--start`` starts one queue worker (one run
-at a time, so each run's training time is its own), ``--wait`` blocks until they are done and
+``queue`` adds one DVC experiment per seed, named ``NAME-s<seed>``, with ``-S train.seed=<seed>``,
+the overrides of a named recipe (``--recipe``, cifar100_dvc/recipes.py) and the given overrides,
+later ones winning (``dvc exp run --queue``; a relative ``fetch.dataset`` directory is made
+absolute, since queued runs start in a temporary copy of the repository); ``--start`` starts one
+queue worker (one run at a time, so each run's training time is its own), ``--wait`` blocks until they are done and
 exits 1 if one failed. ``show`` groups the finished experiments that ``dvc exp show --all-commits``
 lists (on any commit: compare recipes only across code you trust to be equivalent) by ``NAME``
 and prints, for each, the seeds and the mean ± sample standard deviation of the val metrics
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from cifar100_dvc.common import StageError
 from cifar100_dvc.paths import local_directory
+from cifar100_dvc.recipes import RECIPES, set_options
 
 SEED_SUFFIX = re.compile(r"^(?P<recipe>.+)-s(?P<seed>\d+)$")
 # (column, file, key path): what a recipe's row reports, val first (recipes are chosen on val).
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     queued = commands.add_parser("queue", help="queue NAME-s<seed> for each seed")
     queued.add_argument("name", help="the recipe's name: experiments are named NAME-s<seed>")
     queued.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed values (default: 0 1 2)")
+    queued.add_argument("--recipe", choices=sorted(RECIPES), help="start from this named recipe's overrides (docs/parameters.md)")
     queued.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     queued.add_argument("--start", action="store_true", help="start one queue worker (runs one at a time)")
     queued.add_argument("--wait", action="store_true", help="wait until they are done (implies --start)")
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "queue":
             if SEED_SUFFIX.match(args.name):
                 parser.error(f"NAME {args.name!r} already ends in -s<seed>; the seed suffix is added per run")
-            names = queue(args.root, args.name, args.seeds, args.overrides)
+            overrides = set_options(RECIPES[args.recipe][1])[1::2] if args.recipe else []
+            names = queue(args.root, args.name, args.seeds, overrides + args.overrides)  # later -S win
             print(f"queued {', '.join(names)}")
             if args.start or args.wait:
                 dvc(args.root, "queue", "start", "-j", "1")

@@ -1,0 +1,65 @@
+"""Named recipes besides the default: each a set of ``params.yaml`` overrides, the ``-S`` of ``dvc exp run``.
+
+``params.yaml`` holds the default recipe. The others are kept here, in one place, so that the
+benchmark, the docs and the tests mean the same thing by a recipe's name, and a user gets it with
+``dvc exp run $(python -m tools.recipe resnet)`` or by copying the overrides the docs list.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cifar100_dvc.params import Params, parse_params, to_dict
+
+# name -> (what it is, overrides of params.yaml's defaults as dotted keys)
+RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "resnet": (
+        "the previous default: the small ResNet, 18 epochs of batch 256, one-cycle SGD (train's flat keys)",
+        {"train.arch": "resnet", "train.epochs": 18, "train.batch_size": 256},
+    ),
+    "notebook": (
+        "the notebook's: its CNN, Adam at 1e-3, batch 32, constant rate, no smoothing, augmentation or test-time views",
+        {
+            "train.arch": "baseline",
+            "train.optimizer": "adam",
+            "train.learning_rate": 0.001,
+            "train.batch_size": 32,
+            "train.schedule": "constant",
+            "train.warmup_epochs": 0,
+            "train.weight_decay": 0,
+            "train.label_smoothing": 0,
+            "train.augment": False,
+            "train.epochs": 10,
+            "evaluate.tta_flip": False,
+            "evaluate.tta_translate": 0,
+        },
+    ),
+}
+
+
+def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
+    """``params`` with dotted-key ``overrides`` applied (``train.airbench.widths`` reaches a nested key), validated again."""
+    raw = to_dict(params)
+    for dotted, value in overrides.items():
+        *sections, key = dotted.split(".")
+        node = raw
+        for section in sections:
+            node = node[section]
+        if key not in node:
+            raise KeyError(f"unknown key {dotted!r}")
+        node[key] = list(value) if isinstance(value, tuple) else value
+    return parse_params(raw, source="recipe")
+
+
+def recipe(params: Params, name: str) -> Params:
+    """The recipe ``name`` of RECIPES on top of ``params``."""
+    return with_overrides(params, RECIPES[name][1])
+
+
+def set_options(overrides: dict[str, Any]) -> list[str]:
+    """``overrides`` as ``dvc exp run`` options: ``["-S", "train.arch=resnet", ...]``."""
+    options = []
+    for key, value in overrides.items():
+        shown = str(value).lower() if isinstance(value, bool) else str(value).replace(" ", "")
+        options += ["-S", f"{key}={shown}"]
+    return options

@@ -1,0 +1,328 @@
+"""airbench93, element by element: the published network, its optimizer step, schedule, lookahead,
+whitening-bias freeze and alternating flips, each against airbench's own definition; then the stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cifar100_dvc import training
+from cifar100_dvc.augment import alternating_flips
+from cifar100_dvc.inference import load_model, predict_probabilities
+from cifar100_dvc.network import GELU, WHITENING_BIAS_LAYER, ChannelBias, FusedBatchNormalization, InputSpec, build_network
+from cifar100_dvc.params import AirbenchParams, TrainParams
+from cifar100_dvc.paths import ProjectPaths
+from cifar100_dvc.records import DatasetInfo, read_arrays, read_split
+from cifar100_dvc.scratch import TINY_AIRBENCH
+from stages import train
+
+
+def spec(num_classes: int) -> InputSpec:
+    return InputSpec((32, 32, 3), tuple(f"class_{i}" for i in range(num_classes)), (120.0, 115.0, 100.0), (60.0, 58.0, 62.0))
+
+
+def airbench_model(num_classes: int = 10, **overrides) -> keras.Model:
+    return build_network(TrainParams(arch="airbench", airbench=AirbenchParams(**overrides)), spec(num_classes))
+
+
+# ---------------------------------------------------------------- the network
+
+
+def test_airbench_is_make_net93_layer_for_layer():
+    model = airbench_model(10)
+    # PyTorch's count for make_net93 (10 classes): whitening bias 24; convs 24*64*9 + 64*64*9 + 64*128*9 +
+    # 128*128*9 + 2 * 128*128*9; BatchNorm biases 2*64 + 4*128; the bias-free linear layer 128*10.
+    convolutions = 24 * 64 * 9 + 64 * 64 * 9 + 64 * 128 * 9 + 128 * 128 * 9 + 2 * 128 * 128 * 9
+    assert sum(math.prod(w.shape) for w in model.trainable_weights) == 24 + convolutions + (2 * 64 + 4 * 128) + 128 * 10
+    kinds = [type(layer).__name__ for layer in model.layers if not layer.name.startswith(("images", "to_float", "normalize"))]
+    block = ["Conv2D", "MaxPooling2D", "FusedBatchNormalization", "GELU", "Conv2D", "FusedBatchNormalization", "GELU"]
+    head = ["GlobalMaxPooling2D", "Dense", "Rescaling", "ClassNames"]
+    assert kinds == ["Conv2D", "ChannelBias", "GELU", *block * 3, *head]
+    stem = model.get_layer("stem_whiten")
+    assert (stem.kernel_size, stem.padding, stem.filters, stem.use_bias, stem.trainable) == ((2, 2), "valid", 24, False, False)
+    assert model.get_layer(WHITENING_BIAS_LAYER).trainable  # the stem's bias learns (for its first epochs)
+    batch_norms = [layer for layer in model.layers if isinstance(layer, FusedBatchNormalization)]
+    assert all(not bn.scale and bn.center and bn.momentum == 0.6 and bn.epsilon == 1e-12 for bn in batch_norms)
+    assert not any(w.path.endswith("gamma") for w in model.weights)  # no BatchNorm scale at all
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D) and layer.trainable]
+    assert all(not conv.use_bias and conv.padding == "same" for conv in convs)
+    assert not model.get_layer("logits").use_bias and model.get_layer("logit_scale").scale == pytest.approx(1 / 9)
+    assert model.output.shape == (None, 10) and model.get_layer("global_pool").output.shape == (None, 128)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_gelu_is_the_exact_gelu_and_its_gradient(dtype):
+    # Training runs the XLA-fused pass; inference Keras' own exact gelu: the same function and slope.
+    x = tf.cast(tf.linspace(-6.0, 6.0, 2001), dtype)
+    layer = GELU()
+    results = {}
+    for training_mode in (True, False):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=training_mode)
+        results[training_mode] = (np.asarray(tf.cast(y, tf.float32)), np.asarray(tf.cast(tape.gradient(y, x), tf.float32)))
+    x64 = np.asarray(tf.cast(x, tf.float64))
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(x64 / math.sqrt(2)))
+    slope = cdf + x64 * np.exp(-0.5 * x64**2) / math.sqrt(2 * math.pi)
+    tolerance = 1e-5 if dtype == "float32" else 2e-2
+    for values, gradients in results.values():
+        np.testing.assert_allclose(values, x64 * cdf, atol=tolerance * 6)
+        np.testing.assert_allclose(gradients, slope, atol=tolerance)
+
+
+def test_airbench_convolutions_start_as_identities_on_their_first_filters():
+    model = airbench_model(10)
+    for name, channels_in in (("block1_conv1", 24), ("block1_conv2", 64), ("block2_conv1", 64)):
+        kernel = model.get_layer(name).kernel.numpy()
+        identity = np.zeros((3, 3, channels_in, channels_in), np.float32)
+        identity[1, 1, np.arange(channels_in), np.arange(channels_in)] = 1.0
+        np.testing.assert_array_equal(kernel[..., :channels_in], identity)
+        rest = kernel[..., channels_in:]
+        if rest.size:  # PyTorch's default init elsewhere: uniform within 1 / sqrt(fan_in)
+            assert 0 < np.abs(rest).max() <= 1 / math.sqrt(9 * channels_in)
+
+
+def test_airbench_widths_and_output_scale_are_parameters_and_the_model_reloads(tmp_path):
+    model = airbench_model(100, widths=(16, 32, 48), output_scale=0.25)
+    assert model.get_layer("block3_conv2").filters == 48 and model.get_layer("logit_scale").scale == 0.25
+    images_uint8 = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    model.save(tmp_path / "airbench.keras")
+    loaded = keras.models.load_model(tmp_path / "airbench.keras")
+    np.testing.assert_allclose(loaded.predict(images_uint8, verbose=0), model.predict(images_uint8, verbose=0), atol=1e-6)
+
+
+def test_initial_loss_is_near_ln_classes():
+    model = airbench_model(100)
+    images_uint8 = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    labels = np.random.default_rng(1).integers(0, 100, 64)
+    loss = float(training.SmoothedSparseCrossentropy(0.0)(labels, model(images_uint8)))
+    assert abs(loss - math.log(100)) < 0.5
+
+
+# ---------------------------------------------------------------- the optimizer step and its schedule
+
+
+def airbench_triangle(steps: int, start: float, end: float, peak: float) -> np.ndarray:
+    """``triangle`` of airbench/utils.py, in NumPy: the multiplier at steps 0..steps."""
+    xp = np.array([0, int(peak * steps), steps], np.float64)
+    fp = np.array([start, 1.0, end])
+    return np.interp(np.arange(steps + 1), xp, fp)
+
+
+def test_schedule_is_airbench_triangle_through_its_three_points():
+    schedule = training.TriangleSchedule(2.0, total_steps=390, start=0.2, peak_at=0.23, end=0.07)
+    expected = 2.0 * airbench_triangle(390, 0.2, 0.07, 0.23)
+    np.testing.assert_allclose([float(schedule(step)) for step in range(391)], expected, rtol=1e-5)
+    assert float(schedule(0)) == pytest.approx(0.4)
+    assert float(schedule(int(0.23 * 390))) == pytest.approx(2.0)
+    assert float(schedule(390)) == pytest.approx(0.14)
+
+
+def test_under_a_time_budget_the_whole_triangle_is_compressed_and_ends_at_its_final_value():
+    spent = keras.Variable(0.0, trainable=False)
+    schedule = training.TriangleSchedule(1.0, total_steps=1000, start=0.2, peak_at=0.23, end=0.07, budget_spent=spent)
+    spent.assign(0.23)
+    assert float(schedule(10)) == pytest.approx(1.0)  # the clock leads: at the peak after 1% of the steps
+    spent.assign(1.0)
+    assert float(schedule(100)) == pytest.approx(0.07)
+
+
+def test_airbench_rates_are_its_decoupled_hyperparameters():
+    config = AirbenchParams()
+    learning_rate, l2 = training.airbench_rates(config, batch_size=1024)
+    assert learning_rate == pytest.approx(11.5 / (1 + 1 / (1 - 0.85)))  # 1.5 on the mean loss at batch 1024
+    assert l2 == pytest.approx(0.0153 / 11.5)
+    assert training.airbench_rates(config, batch_size=512)[0] == pytest.approx(learning_rate / 2)
+
+
+def torch_sgd_reference(weights, gradients_of_mean, batch_size, multipliers, is_bias, config=AirbenchParams()):
+    """airbench's update in NumPy: PyTorch SGD(nesterov) on the loss summed over the batch, rate
+    lr / kilostep, weight decay wd * batch / kilostep / lr, BatchNorm biases at 64x the rate and
+    the weight decay divided by it (their decay unchanged), ``multipliers`` from the schedule."""
+    kilostep = 1024 * (1 + 1 / (1 - config.momentum))
+    lr = config.learning_rate / kilostep
+    wd = config.weight_decay * batch_size / kilostep
+    rate = lr * (config.bias_lr_scale if is_bias else 1.0)
+    decay = wd / rate
+    p, buffer = weights.astype(np.float64), None
+    for gradient, multiplier in zip(gradients_of_mean, multipliers):
+        d = batch_size * gradient + decay * p  # the summed loss's gradient is batch x the mean's
+        buffer = d if buffer is None else config.momentum * buffer + d
+        p = p - rate * multiplier * (d + config.momentum * buffer)
+    return p
+
+
+@pytest.mark.parametrize("is_bias", [False, True], ids=["weight", "batchnorm-bias"])
+def test_optimizer_step_is_airbench_pytorch_sgd_on_the_summed_loss(is_bias):
+    rng = np.random.default_rng(0)
+    batch_size, steps = 256, 6
+    start = rng.normal(size=(3, 4)).astype(np.float32)
+    gradients = [rng.normal(size=(3, 4)).astype(np.float32) for _ in range(steps)]
+    params = TrainParams(arch="airbench", batch_size=batch_size, epochs=2, airbench=AirbenchParams(lookahead=False))
+    optimizer = training.make_airbench_optimizer(params, steps_per_epoch=5)
+    variable = keras.Variable(start, name="beta" if is_bias else "kernel")
+    for gradient in gradients:
+        optimizer.apply([tf.constant(gradient)], [variable])
+    multipliers = airbench_triangle(10, 0.2, 0.07, 0.23)[:steps]
+    expected = torch_sgd_reference(start, gradients, batch_size, multipliers, is_bias)
+    np.testing.assert_allclose(variable.numpy(), expected, rtol=2e-5, atol=1e-6)
+
+
+def lookahead_reference(start, gradients, rate, every, decay, start_step, steps_per_epoch, total_steps):
+    """airbench's training loop around the optimizer, in NumPy: plain SGD steps (no momentum here),
+    then LookaheadState as in utils.py; ``start_step``: the first 0-based step of its epoch 3."""
+    weights, slow = start.astype(np.float64), None
+    for index, gradient in enumerate(gradients):
+        weights = weights - rate * gradient
+        step = index + 1
+        if index >= start_step and step % every == 0:
+            if slow is None:
+                slow = weights.copy()
+            else:
+                rho = decay * (step / total_steps) ** 3
+                slow = slow + (1 - rho) * (weights - slow)
+                weights = slow.copy()
+        if step % steps_per_epoch == 0 and slow is not None:
+            weights = slow.copy()
+    return weights, slow
+
+
+def test_lookahead_averages_every_few_steps_from_its_epoch_and_resets_at_epoch_ends():
+    rng = np.random.default_rng(0)
+    steps_per_epoch, epochs = 7, 4
+    total = steps_per_epoch * epochs
+    start = rng.normal(size=(5,)).astype(np.float32)
+    gradients = [rng.normal(size=(5,)).astype(np.float32) for _ in range(total)]
+    schedule = training.TriangleSchedule(0.1, total, start=1.0, peak_at=0.0, end=1.0)  # a constant rate
+    optimizer = training.AirbenchSGD(
+        schedule, momentum=0.0, lookahead=True, lookahead_every=3, lookahead_decay=0.9, lookahead_from=1 / epochs,
+        steps_per_epoch=steps_per_epoch,
+    )  # fmt: skip
+    variable = keras.Variable(start)
+    running_statistic = keras.Variable(np.zeros(5, np.float32), trainable=False)  # as BatchNorm's: averaged too
+    optimizer.track_lookahead([variable, running_statistic])
+    statistics = []
+    for gradient in gradients:
+        statistic = rng.normal(size=(5,)).astype(np.float32)
+        running_statistic.assign(statistic)  # what the forward pass would have written this step
+        statistics.append(statistic)
+        optimizer.apply([tf.constant(gradient)], [variable])
+    expected, _ = lookahead_reference(start, gradients, 0.1, 3, 0.9, steps_per_epoch, steps_per_epoch, total)
+    np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert float(optimizer.lookahead_started.numpy()) == 1.0
+    # The statistic was overwritten with its slow copy at the last step (an epoch's end).
+    assert not np.allclose(running_statistic.numpy(), statistics[-1])
+    slow = dict((id(w), s) for w, s in optimizer._lookahead_pairs)[id(running_statistic)]
+    np.testing.assert_array_equal(running_statistic.numpy(), slow.numpy())
+
+
+def test_whitening_bias_trains_for_its_epochs_then_stays_frozen():
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(ChannelBias(name=WHITENING_BIAS_LAYER)(inputs)))
+    params = TrainParams(arch="airbench", batch_size=8, epochs=4, airbench=AirbenchParams(whiten_bias_epochs=1, lookahead=False))
+    model.compile(optimizer=training.make_airbench_optimizer(params, steps_per_epoch=3), loss="mse")
+    bias = model.get_layer(WHITENING_BIAS_LAYER).bias
+    x, y = np.random.default_rng(0).normal(size=(8, 4)), np.ones((8, 2))
+    seen = [bias.numpy().copy()]
+    for _ in range(12):
+        model.train_on_batch(x, y)
+        seen.append(bias.numpy().copy())
+    moves = [not np.array_equal(a, b) for a, b in zip(seen, seen[1:])]
+    assert moves == [True] * 3 + [False] * 9  # the first epoch's 3 steps, then never again
+
+
+# ---------------------------------------------------------------- alternating flips
+
+
+def test_alternating_flips_show_each_image_both_ways_over_two_passes():
+    base = tf.constant([True, False, False, True, True])
+    ids = tf.constant([0, 1, 2, 3, 4] * 2, tf.int64)
+    positions = tf.range(10, dtype=tf.int64)  # pass 0, then pass 1
+    flips = alternating_flips(ids, positions, base, num_examples=5).numpy()
+    np.testing.assert_array_equal(flips[:5], base.numpy())
+    np.testing.assert_array_equal(flips[5:], ~base.numpy())
+
+
+def test_the_airbench_reader_mirrors_every_train_image_once_in_two_epochs(prepared_paths):
+    # translate 0: the only change is the flip, so each augmented image is its stored self or its mirror.
+    params = dataclasses.replace(TINY_AIRBENCH, batch_size=30, airbench=dataclasses.replace(TINY_AIRBENCH.airbench, translate=0))
+    num_train = DatasetInfo.read(prepared_paths.prepared_dir).splits["train"].num_examples  # 540: 18 batches a pass
+    stored, _ = read_arrays(prepared_paths.prepared_dir, "train")
+    index = {image.tobytes(): i for i, image in enumerate(stored)}
+    batches = read_split(
+        prepared_paths.prepared_dir,
+        "train",
+        30,
+        shuffle_seed=0,
+        repeat=True,
+        drop_remainder=True,
+        batch_transform=training.augmenter(params, num_train),
+    )
+    orientations: dict[int, list[bool]] = {}
+    for images, _ in batches.take(2 * num_train // 30):
+        for image in images.numpy():
+            if image.tobytes() in index:
+                orientations.setdefault(index[image.tobytes()], []).append(False)
+            else:
+                orientations.setdefault(index[image[:, ::-1].tobytes()], []).append(True)
+    assert len(orientations) == num_train
+    assert all(sorted(seen) == [False, True] for seen in orientations.values())
+    assert 0.3 < np.mean([seen[0] for seen in orientations.values()]) < 0.7  # the first orientation is a coin
+
+
+# ---------------------------------------------------------------- the train stage
+
+
+@pytest.fixture
+def prepared(project_with) -> ProjectPaths:
+    return ProjectPaths(project_with("prepared_dir"))
+
+
+@pytest.mark.slow
+def test_airbench_trains_end_to_end_and_the_model_reloads(prepared):
+    summary = train.run(TINY_AIRBENCH, prepared)
+    assert summary["arch"] == "airbench" and summary["epochs_completed"] == TINY_AIRBENCH.epochs
+    assert summary["epochs"][-1]["val_accuracy"] > 0.3  # 20 classes: chance is 0.05
+    model = load_model(prepared.model_file)
+    kernel = model.get_layer("stem_whiten").kernel.numpy()
+    assert kernel.shape == (2, 2, 3, 24) and np.abs(kernel).max() > 1.0  # the whitening kernel, from the train images
+    images_uint8, labels = read_arrays(prepared.prepared_dir, "val")
+    accuracy = float(np.mean(predict_probabilities(model, images_uint8, 64, tta_flip=False).argmax(axis=1) == labels))
+    assert accuracy == pytest.approx(summary["epochs"][-1]["val_accuracy"], abs=0.02)
+
+
+class InterruptAfter(train.EpochCheckpoint):
+    """The checkpoint callback, raising Ctrl-C's exception once epoch ``STOP`` is saved."""
+
+    STOP = 2
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if epoch + 1 == self.STOP:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_interrupted_airbench_run_resumes_to_the_same_model(project_with, monkeypatch):
+    # Interrupted after epoch 2, with lookahead running since epoch 1 and the whitening bias frozen
+    # after it: the resumed run must end on exactly the weights of an uninterrupted one.
+    recipe = dataclasses.replace(TINY_AIRBENCH, epochs=4)
+    uninterrupted = ProjectPaths(project_with("prepared_dir", name="uninterrupted"))
+    expected = train.run(recipe, uninterrupted)
+    paths = ProjectPaths(project_with("prepared_dir", name="interrupted"))
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "EpochCheckpoint", InterruptAfter)
+        with pytest.raises(KeyboardInterrupt):
+            train.run(recipe, paths)
+    assert json.loads((paths.checkpoint_dir / "state.json").read_text())["epoch"] == 2
+    resumed = train.run(recipe, paths)
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in expected["epochs"]]
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in resumed["epochs"]] == strip
+    for a, b in zip(load_model(paths.model_file).weights, load_model(uninterrupted.model_file).weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
