@@ -326,3 +326,24 @@ def test_interrupted_airbench_run_resumes_to_the_same_model(project_with, monkey
     assert [{k: v for k, v in row.items() if k != "seconds"} for row in resumed["epochs"]] == strip
     for a, b in zip(load_model(paths.model_file).weights, load_model(uninterrupted.model_file).weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+class StepClock(train.TrainingClock):
+    """A clock that advances one second each time it is read: budgets in steps, not wall time."""
+
+    def seconds(self) -> float:
+        self.reads = getattr(self, "reads", 0) + 1
+        return float(self.reads)
+
+
+def test_a_time_budget_compresses_airbench_whole_schedule_to_its_final_rate(prepared, monkeypatch):
+    monkeypatch.setattr(train, "TrainingClock", StepClock)
+    # 8 epochs of 16 steps planned; the clock is read twice a step, so 60 s last about 30 steps.
+    recipe = dataclasses.replace(TINY_AIRBENCH, epochs=8, time_budget_minutes=1.0)
+    summary = train.run(recipe, prepared)
+    assert summary["stop_reason"] == "time_budget" and 1 < summary["epochs_done"] < 3
+    peak, _ = training.airbench_rates(recipe.airbench, recipe.batch_size)
+    # Compressed: the triangle ran to its end (0.07 of the peak); without the budget it would still be
+    # on its way down, at about 0.8 of the peak after a quarter of the steps.
+    assert summary["final_learning_rate"] == pytest.approx(recipe.airbench.schedule_end * peak, rel=0.02)
+    assert load_model(prepared.model_file).predict(read_arrays(prepared.prepared_dir, "val")[0][:4], verbose=0).shape == (4, 20)
