@@ -126,3 +126,22 @@ def write_hub_dataset(
         pq.write_table(pa.table(columns), directory / "data" / f"{split}-00000-of-00001.parquet")
     (directory / "README.md").write_text(card(list(splits), label_columns, plain_int_columns, class_names))
     return directory
+
+
+def write_image_folder(
+    directory: Path, splits: dict[str, int], class_names: list[str], size: tuple[int, int] = (40, 30), seed: int = 0
+) -> Path:
+    """A folder of JPEG images with one sub-folder per class, as a user's photos are laid out:
+    ``splits`` {"train": n, "test": m} puts n (m) images of each class under ``train/`` (``test/``);
+    {"": n} puts them directly under ``directory``. Colours encode the class, as in ``make_image``;
+    ``size`` is (width, height), not square, so that the pipeline has to resize and crop."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    for split, per_class in splits.items():
+        for index, name in enumerate(class_names):
+            folder = directory / split / name if split else directory / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for number in range(per_class):
+                pixels = make_image(5 * index, rng, size=max(width, height))[:height, :width]
+                Image.fromarray(pixels).save(folder / f"{number:03d}.jpg", quality=90)
+    return directory
