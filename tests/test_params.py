@@ -128,3 +128,31 @@ def test_invalid_yaml_is_one_line(tmp_path):
     with pytest.raises(StageError, match=f"^{re.escape(str(path))}: not valid YAML: ") as raised:
         load_params(path)
     assert "\n" not in str(raised.value)
+
+
+def test_every_named_recipe_is_valid_and_resnet_is_the_previous_default():
+    from cifar100_dvc.recipes import RECIPES, recipe
+
+    params = load_params(REPO_ROOT / "params.yaml")
+    for name in RECIPES:
+        assert isinstance(recipe(params, name), Params), name
+    resnet = recipe(params, "resnet").train
+    assert (resnet.arch, resnet.widths, resnet.epochs, resnet.batch_size) == ("resnet", (16, 32, 64, 128), 18, 256)
+    assert (resnet.optimizer, resnet.learning_rate, resnet.momentum, resnet.schedule, resnet.warmup_epochs) == (
+        "sgd",
+        0.2,
+        0.9,
+        "linear",
+        3.0,
+    )
+    notebook = recipe(params, "notebook")
+    assert (notebook.train.arch, notebook.train.optimizer, notebook.train.batch_size, notebook.evaluate.tta_flip) == (
+        "baseline",
+        "adam",
+        32,
+        False,
+    )
+    with pytest.raises(KeyError, match="train.epoch"):
+        from cifar100_dvc.recipes import with_overrides
+
+        with_overrides(params, {"train.epoch": 3})
