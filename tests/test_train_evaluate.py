@@ -320,9 +320,9 @@ import dataclasses, json, logging, sys
 from pathlib import Path
 from stages import train
 from cifar100_dvc.paths import ProjectPaths
-from cifar100_dvc.params import TrainParams
+from cifar100_dvc.params import parse_params, to_dict, Params
 logging.basicConfig(level=logging.INFO)
-params = TrainParams(**json.loads(sys.argv[2]))
+params = parse_params({**to_dict(Params()), "train": json.loads(sys.argv[2])}).train
 summary = train.run(dataclasses.replace(params, distribute="mirrored"), ProjectPaths(Path(sys.argv[1])))
 print("SUMMARY" + json.dumps(summary["epochs"]))
 """
@@ -330,11 +330,14 @@ print("SUMMARY" + json.dumps(summary["epochs"]))
 
 
 @pytest.mark.slow
-def test_mirrored_training_over_two_logical_cpus_learns(prepared, tiny_train):
+@pytest.mark.parametrize("arch", ["resnet", "airbench"])
+def test_mirrored_training_over_two_logical_cpus_learns(prepared, tiny_train, arch):
+    # airbench: its lookahead and whitening-bias freeze run in the optimizer's cross-replica update.
     from cifar100_dvc.params import to_dict
+    from cifar100_dvc.scratch import TINY_AIRBENCH
 
     paths = prepared
-    recipe = dataclasses.replace(tiny_train, epochs=6, warmup_epochs=1.0)
+    recipe = dataclasses.replace(tiny_train, epochs=6, warmup_epochs=1.0) if arch == "resnet" else TINY_AIRBENCH
     result = run_on_two_cpus(MIRRORED_TRAINING_SCRIPT, str(paths.root), json.dumps(to_dict(recipe)))
     strategy_lines = [line for line in result.stderr.splitlines() if "MirroredStrategy over" in line]
     assert strategy_lines and "CPU:0" in strategy_lines[0] and "CPU:1" in strategy_lines[0], strategy_lines
