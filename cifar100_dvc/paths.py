@@ -42,7 +42,7 @@ class ProjectPaths:
         return self.root / "models" / "history.json"
 
     @property
-    def checkpoint_dir(self) -> Path:  # train's own resume state, kept between runs (persist)
+    def checkpoint_dir(self) -> Path:  # train's own resume state: not a DVC output (see NOT_OUTPUTS)
         return self.root / "checkpoints"
 
     @property
@@ -84,10 +84,15 @@ class ProjectPaths:
 STAGE_OUTPUTS = {
     "fetch": ("raw_dir",),
     "prepare": ("prepared_dir",),
-    "train": ("model_file", "history_file", "checkpoint_dir", "live_metrics_file", "live_plots_dir"),
+    "train": ("model_file", "history_file", "live_metrics_file", "live_plots_dir"),
     "evaluate": ("plots_dir", "metrics_file", "class_accuracy_file"),
     "export": ("export_dir",),
 }
+# Written by a stage but not declared to DVC: train's resume state is scratch space, not an artifact.
+# Declared (even as persist, uncached), a fresh clone would miss it and `dvc status` would ask to run
+# train again after a `dvc pull` restored everything else; undeclared, DVC leaves it alone, so a
+# `dvc repro` after an interruption still finds it (git ignores it: .gitignore).
+NOT_OUTPUTS = {"train": ("checkpoint_dir",)}
 STAGE_INPUTS = {
     "fetch": (),
     "prepare": ("raw_dir",),

@@ -2,7 +2,7 @@
 
 Per-epoch train/val loss, accuracy and top-5 accuracy go to dvclive (``dvc plots show``,
 ``dvc exp show``) and to models/history.json (for evaluate's plots). After every epoch the
-full training state is checkpointed under checkpoints/ (a DVC ``persist`` output), so a run
+full training state is checkpointed under checkpoints/ (train's own folder, not a DVC output), so a run
 that is killed or interrupted continues from its last completed epoch when run again with
 the same params and data, and ends exactly where an uninterrupted run would.
 
@@ -140,7 +140,7 @@ _CHECKPOINT_README = "train's resume state: the last completed epoch of an unfin
 
 
 def clear_checkpoints(directory: Path) -> None:
-    """Remove all resume state; leave a README so the (persisted) DVC output is never an empty folder."""
+    """Remove all resume state; leave a README saying what the folder is for."""
     for path in directory.iterdir():
         remove_path(path)
     (directory / "README.txt").write_text(_CHECKPOINT_README)

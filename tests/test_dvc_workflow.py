@@ -203,3 +203,45 @@ def test_changed_params_start_afresh(repo):
     assert "from other params or data: starting afresh" in output and "resuming" not in output
     history = yaml.safe_load((repo / "models" / "history.json").read_text())
     assert history["epochs_completed"] == 12
+
+
+def seeds(root: Path, *arguments: str) -> subprocess.CompletedProcess:
+    result = run_module("tools.seeds", *arguments, cwd=root, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_machines_split_a_seed_sweep_and_share_it_through_git_and_dvc_remotes(repo, tmp_path):
+    """docs/scaling.md's workflow: one bare git remote and one DVC remote (here local folders; S3 or
+    SSH in practice), two clones each running part of the seeds and pushing its experiments; either
+    clone pulls the other's and reports the whole sweep, and can check out any of its models."""
+    git_remote, storage = tmp_path / "origin.git", tmp_path / "dvc-storage"
+    sh(tmp_path, "git", "init", "-q", "--bare", "-b", "main", str(git_remote))
+    dvc(repo, "remote", "add", "-d", "storage", str(storage))
+    commit(repo, "a shared DVC remote")
+    sh(repo, "git", "remote", "add", "origin", str(git_remote))
+    sh(repo, "git", "push", "-q", "origin", "main")
+    machines = {}
+    for name in ("a", "b"):
+        machines[name] = tmp_path / f"machine-{name}"
+        sh(tmp_path, "git", "clone", "-q", str(git_remote), str(machines[name]))
+    for name, seed in (("a", "0"), ("b", "1")):  # each machine its share of the sweep, then push it
+        seeds(machines[name], "queue", "sweep", "--seeds", seed, "-S", "train.learning_rate=0.05", "--wait")
+        dvc(machines[name], "exp", "push", "origin", f"sweep-s{seed}")
+        dvc(machines[name], "queue", "stop", check=False)
+
+    a = machines["a"]
+    dvc(a, "exp", "pull", "origin", "sweep-s1")  # machine b's run, with its outputs from the DVC remote
+    summary = json.loads(seeds(a, "show", "--json").stdout)
+    assert summary["sweep"]["seeds"] == [0, 1]
+    rows = {row["name"]: row for row in exp_rows(a)}
+    accuracies = [rows[f"sweep-s{seed}"]["metrics"]["accuracy"] for seed in (0, 1)]
+    assert summary["sweep"]["test accuracy"]["mean"] == pytest.approx(statistics.fmean(accuracies))
+    assert summary["sweep"]["test accuracy"]["std"] == pytest.approx(statistics.stdev(accuracies))
+
+    # Machine b's model on machine a: apply the experiment, fetch its outputs, nothing left to run.
+    dvc(a, "exp", "apply", "sweep-s1")
+    dvc(a, "pull")
+    assert (a / "models" / "model.keras").is_file() and (a / "models" / "export" / "saved_model").is_dir()
+    assert metrics(a)["accuracy"] == accuracies[1]
+    assert "up to date" in dvc(a, "status").stdout  # the outputs are exactly what machine b's run recorded

@@ -77,10 +77,11 @@ def test_each_stage_depends_on_its_own_params_section():
         assert name in sections
 
 
-def test_checkpoints_persist_and_metrics_are_uncached():
+def test_checkpoints_are_not_an_output_and_metrics_are_uncached():
     train = PIPELINE["stages"]["train"]
-    checkpoint = next(entry for entry in train["outs"] if isinstance(entry, dict) and "checkpoints" in entry)["checkpoints"]
-    assert checkpoint == {"persist": True, "cache": False}
+    declared = [next(iter(entry)) if isinstance(entry, dict) else entry for entry in train["outs"]]
+    assert "checkpoints" not in declared  # a fresh clone has none: DVC must not ask to run train for it
+    assert "/checkpoints" in (REPO_ROOT / ".gitignore").read_text().splitlines()
     evaluate = PIPELINE["stages"]["evaluate"]
     assert evaluate["metrics"] == [{"metrics/metrics.json": {"cache": False}}]
 
