@@ -30,9 +30,16 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+PROJECT_LOGGERS = ("__main__", "stages", "cifar100_dvc", "tools")  # INFO from these; warnings and errors from all
+
+
 def setup_logging() -> None:
-    """Plain ``LEVEL name: message`` lines on stderr (TensorFlow's C++ logging is quieted at import: cifar100_dvc/__init__.py)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Plain ``LEVEL name: message`` lines on stderr: the project's own at INFO, other libraries' (datasets'
+    "TensorFlow version available", TensorFlow's "Assets written") only from WARNING up. TensorFlow's C++
+    logging is quieted when it is imported (cifar100_dvc/__init__.py)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 # Ctrl-C seen by run_main's handler. Process-wide because signals are: Python drops the

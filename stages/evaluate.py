@@ -46,6 +46,16 @@ def compute_metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
+def summary_line(metrics: dict) -> str:
+    """``accuracy 88.62% (one view 87.54%), top-5 99.60%`` of one split's metrics (``-`` without any)."""
+    if "accuracy" not in metrics:
+        return "-"
+    return (
+        f"accuracy {metrics['accuracy']:.2%} (one view {metrics['single_view_accuracy']:.2%}), "
+        f"top-5 {metrics['top5_accuracy']:.2%}, {metrics['num_examples']} images"
+    )
+
+
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
     """counts[true, predicted]."""
     counts = np.zeros((num_classes, num_classes), np.int64)
@@ -244,7 +254,7 @@ def run(params: EvaluateParams, paths: ProjectPaths) -> dict:
         staged.write_text(json.dumps(rows, indent=1) + "\n")
     with atomic_output(paths.metrics_file) as staged:
         staged.write_text(json.dumps(metrics, indent=2) + "\n")
-    log.info("test metrics: %s", metrics)
+    log.info("test: %s; val: %s (%s)", summary_line(metrics), summary_line(metrics.get("val", {})), paths.metrics_file)
     return metrics
 
 

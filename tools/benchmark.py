@@ -60,19 +60,21 @@ def timed_images(batches, num_images: int) -> float:
     return seen / (time.perf_counter() - started)
 
 
-def notebook_input(hf_split, image_column: str, label_column: str, batch_size: int = 32, scale: bool = True):
+def notebook_input(
+    hf_split, image_column: str, label_column: str, batch_size: int = 32, scale: bool = True, image_size: int = 32
+):
     """The notebook's input pipeline: a Python generator over the ``datasets`` rows, map, batch."""
     import tensorflow as tf
 
     def rows():
         for example in hf_split:
             image = example[image_column].convert("RGB")
-            if image.size != (32, 32):  # CIFAR never needs this; other datasets prepare accepts may
-                image = image.resize((32, 32))
+            if image.size != (image_size, image_size):  # CIFAR never needs this; other datasets may
+                image = image.resize((image_size, image_size))
             yield np.asarray(image), example[label_column]
 
     dataset = tf.data.Dataset.from_generator(
-        rows, output_signature=(tf.TensorSpec((32, 32, 3), tf.uint8), tf.TensorSpec((), tf.int64))
+        rows, output_signature=(tf.TensorSpec((image_size, image_size, 3), tf.uint8), tf.TensorSpec((), tf.int64))
     )
     if scale:  # the notebook scaled to [0, 1] in its map
         return dataset.map(lambda image, label: (tf.cast(image, tf.float32) / 255.0, label)).batch(batch_size)
@@ -299,7 +301,8 @@ def measure_inputs(work: Workload, input_images: int) -> dict:
     """Images/s of the notebook's input pipeline and of the project's reader, without and with augmentation."""
     warm = train_reader(work, work.train_params, augment=False)
     timed_images(warm, work.num_train)  # first pass fills the in-memory cache
-    notebook_rate = timed_images(notebook_input(work.raw_train, work.image_column, work.label), input_images)
+    size = work.info.image_shape[0]
+    notebook_rate = timed_images(notebook_input(work.raw_train, work.image_column, work.label, image_size=size), input_images)
     rates = {
         "notebook_images_per_s": round(notebook_rate, 1),
         "reader_images_per_s": round(timed_images(warm, 4 * work.num_train), 1),
@@ -351,7 +354,8 @@ def measure_training_rows(work: Workload, params: Params, ceiling: dict, images_
     project's (the reader), then the resnet and airbench recipes; each with its FLOPs and share of ``ceiling``."""
     policy = work.device.mixed_precision_policy
     recipes = project_recipes(params, work.num_train)
-    notebook_batches = notebook_input(work.raw_train, work.image_column, work.label, batch_size=32, scale=False).repeat()
+    size = work.info.image_shape[0]
+    notebook_batches = notebook_input(work.raw_train, work.image_column, work.label, 32, scale=False, image_size=size).repeat()
     rows = [
         (
             "baseline, notebook settings (generator input, batch 32, Adam, float32, Keras BatchNorm)",
