@@ -258,3 +258,17 @@ def test_training_flops_are_counted_from_the_layers():
     assert training_flops_per_image(model) == frozen_forward + 2 * learned_forward + 3 * dense_forward
     # airbench93 for 10 classes: 108.1 MFLOPs forward; training about 3x, less the frozen stem's backward.
     assert training_flops_per_image(build_network(TrainParams(arch="airbench"), spec(10))) == 324_236_352
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("size", [20, 64])
+def test_every_network_takes_the_image_size_it_is_given(arch, size):
+    image_spec = InputSpec((size, size, 3), tuple(f"class_{i}" for i in range(7)), (120.0,) * 3, (60.0,) * 3)
+    images_uint8 = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    kernel = patch_whitening_kernel(images_uint8, image_spec, centered=False) if arch == "airbench" else None
+    model = build_network(SMALL[arch], image_spec, kernel)
+    assert model.input.shape == (None, size, size, 3)
+    assert model.predict(images_uint8, verbose=0).shape == (3, 7)
+    if arch == "baseline":  # the notebook's Flatten -> Dense 512 grows with the image: (size / 8)^2 x 128 inputs
+        (hidden,) = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense) and layer.units == 512]
+        assert hidden.kernel.shape == ((size // 8) ** 2 * 128, 512)
