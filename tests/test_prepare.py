@@ -118,3 +118,38 @@ def test_dataset_json_names_crab_where_the_hub_card_says_cra(tmp_path, caplog):
     assert written["class_names"] == FINE_NAMES[:26] + ["crab"] + FINE_NAMES[27:]
     assert written["renamed_classes"] == {"cra": "crab"}
     assert "class 'cra' of fine_label renamed 'crab'" in caplog.text
+
+
+@pytest.mark.slow
+def test_two_prepare_processes_write_the_same_bytes(tmp_path, hub_dataset):
+    # Each process orders a record's protobuf map its own way unless asked: same pixels, other bytes,
+    # another DVC hash, and every later stage would run again for nothing.
+    from cifar100_dvc.scratch import TINY_PARAMS, make_project, run_stage
+
+    shards = []
+    for name in ("first", "second"):
+        root = make_project(tmp_path / name, hub_dataset, **TINY_PARAMS)
+        for stage in ("fetch", "prepare"):
+            assert run_stage(root, stage).returncode == 0
+        prepared = root / "data" / "prepared"
+        shards.append({path.name: path.read_bytes() for path in sorted(prepared.iterdir())})
+    assert shards[0] == shards[1]
+
+
+SERIALIZE = "import sys; import numpy as np; from cifar100_dvc.records import serialize_example; " + (
+    "sys.stdout.write(serialize_example(np.arange(12, dtype=np.uint8).reshape(2, 2, 3), 7).hex())"
+)
+
+
+@pytest.mark.slow
+def test_a_record_is_the_same_bytes_in_every_process():
+    import subprocess
+    import sys
+
+    from cifar100_dvc.paths import REPO_ROOT
+
+    seen = {
+        subprocess.run([sys.executable, "-c", SERIALIZE], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+        for _ in range(6)
+    }
+    assert len(seen) == 1  # without deterministic serialization, two orders came up in three processes
