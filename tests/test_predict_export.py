@@ -85,21 +85,66 @@ def test_missing_model_is_one_line_error():
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith("error: predict: ")
 
 
-def test_export_gives_the_same_predictions(trained):
+@pytest.mark.parametrize("cpu_flags", ["avx2 fma", "avx2 fma avx512f avx512_bf16"], ids=["float32-path", "bfloat16-path"])
+def test_a_model_trained_on_either_path_computes_in_float32_and_exports_to_tflite(project_with, monkeypatch, cpu_flags):
+    import keras
     import tensorflow as tf
 
-    written = export.run(ExportParams(tflite=True), trained)
-    assert "saved_model" in written
+    from cifar100_dvc import hardware
+    from cifar100_dvc.scratch import TINY_TRAIN
+    from stages import train
+
+    monkeypatch.setenv(hardware.CPU_FLAGS_ENV, cpu_flags)  # bfloat16 compute on any machine, or float32
+    paths = ProjectPaths(project_with("prepared_dir"))
+    summary = train.run(TINY_TRAIN, paths)
+    trained_policy = "mixed_bfloat16" if "bf16" in cpu_flags else "float32"
+    assert summary["device"]["mixed_precision_policy"] == trained_policy
+    model = load_model(paths.model_file)
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}  # mixed precision stayed in training
+
+    written = export.run(ExportParams(tflite=True), paths)
+    assert written == ["saved_model", "model.tflite", "class_names.txt"]
     images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    expected = load_model(trained.model_file).predict(images, verbose=0)
-    saved_model = tf.saved_model.load(str(trained.export_dir / "saved_model"))  # keep a reference: it owns the variables
-    served = saved_model.serve(tf.constant(images))
-    np.testing.assert_allclose(served.numpy(), expected, rtol=1e-5, atol=1e-5)
-    assert (trained.export_dir / "class_names.txt").read_text().split() == COARSE_NAMES
-    if "model.tflite" in written:
-        interpreter = tf.lite.Interpreter(model_path=str(trained.export_dir / "model.tflite"))
-        interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], images.shape)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], images)
-        interpreter.invoke()
-        np.testing.assert_allclose(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), expected, atol=1e-4)
+    expected = model.predict(images, verbose=0)
+    saved_model = tf.saved_model.load(str(paths.export_dir / "saved_model"))  # keep a reference: it owns the variables
+    np.testing.assert_allclose(saved_model.serve(tf.constant(images)).numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert (paths.export_dir / "class_names.txt").read_text().split() == COARSE_NAMES
+    interpreter = tf.lite.Interpreter(model_path=str(paths.export_dir / "model.tflite"))
+    interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], images.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], images)
+    interpreter.invoke()
+    np.testing.assert_allclose(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), expected, atol=1e-4)
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_export_converts_a_model_saved_in_bfloat16_by_an_older_version(project_with):
+    import keras
+
+    from cifar100_dvc import training
+    from cifar100_dvc.network import build_network
+    from cifar100_dvc.records import DatasetInfo
+    from cifar100_dvc.scratch import TINY_TRAIN
+
+    paths = ProjectPaths(project_with("prepared_dir"))
+    with training.dtype_policy("mixed_bfloat16"):  # what train wrote before models were saved in float32
+        model = build_network(TINY_TRAIN, training.input_spec(DatasetInfo.read(paths.prepared_dir)))
+    paths.model_file.parent.mkdir(parents=True, exist_ok=True)
+    model.save(paths.model_file)
+    assert "mixed_bfloat16" in {layer.dtype_policy.name for layer in keras.models.load_model(paths.model_file).layers}
+    assert "model.tflite" in export.run(ExportParams(tflite=True), paths)
+
+
+def test_a_failed_tflite_conversion_is_one_error_and_leaves_no_export(trained, monkeypatch):
+    import tensorflow as tf
+
+    from cifar100_dvc.common import StageError
+
+    class Refusing:
+        def convert(self):
+            raise RuntimeError("'tf.Conv2D' op is neither a custom op nor a flex op")
+
+    monkeypatch.setattr(tf.lite.TFLiteConverter, "from_saved_model", staticmethod(lambda path: Refusing()))
+    with pytest.raises(StageError, match="TFLite conversion of .* failed .*set export.tflite: false"):
+        export.run(ExportParams(tflite=True), trained)
+    assert not trained.export_dir.exists()
