@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from cifar100_dvc.common import StageError
 
 IMAGE_SIZE = 32  # CIFAR's side, in pixels: prepare.image_size's default
+SOURCE_FILE_COLUMN = "file"  # an image folder's rows: each image's path in the folder, for errors that name it
 
 # Largest image decoded (width x height), checked from the header before any pixel is decoded.
 # Every image ends up a small square, so detail beyond a few megapixels is thrown away anyway; 5000x5000

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from cifar100_dvc.common import StageError, atomic_output, is_write_failure, one_line, run_main
+from cifar100_dvc.images import SOURCE_FILE_COLUMN
 from cifar100_dvc.params import FetchParams, load_params
 from cifar100_dvc.paths import ProjectPaths, local_directory
 
@@ -122,8 +123,8 @@ def is_image_folder(directory: Path) -> bool:
 
 def image_folder(directory: Path, cache_dir: Path):
     """The folder of class sub-folders as a DatasetDict (``imagefolder``: ``train``, and ``test`` when it has a
-    ``test/`` sub-folder; class names from the folder names). Each image's bytes are read in, beside its
-    path relative to ``directory``, so data/raw holds the images and prepare can name a bad file."""
+    ``test/`` sub-folder; class names from the folder names), each row with its file's path relative to
+    ``directory`` (SOURCE_FILE_COLUMN), so that prepare can name a file it cannot read."""
     import datasets
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
@@ -133,18 +134,20 @@ def image_folder(directory: Path, cache_dir: Path):
     if skipped:
         shown = ", ".join(map(str, skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         log.warning("not images (by their extension), not used: %s", shown)
-    column = next(name for name, feature in loaded["train"].features.items() if isinstance(feature, datasets.Image))
+    features = loaded["train"].features
+    if not any(isinstance(feature, datasets.ClassLabel) for feature in features.values()):
+        folders = sorted({path.parent.name for path in visible_files(directory) if path.suffix.lower() in suffixes})
+        raise StageError(
+            f"fetch.dataset {str(directory)!r}: an image folder needs one sub-folder per class and two classes or more "
+            f"(found images in {folders})"
+        )
+    column = next(name for name, feature in features.items() if isinstance(feature, datasets.Image))
 
-    def embedded(example):
-        path = Path(example[column]["path"])
-        return {column: {"bytes": path.read_bytes(), "path": path.relative_to(directory).as_posix()}}
+    def with_file(split):
+        paths = split.cast_column(column, datasets.Image(decode=False))[column]
+        return split.add_column(SOURCE_FILE_COLUMN, [Path(item["path"]).relative_to(directory).as_posix() for item in paths])
 
-    return datasets.DatasetDict(
-        {
-            split: part.cast_column(column, datasets.Image(decode=False)).map(embedded).cast_column(column, datasets.Image())
-            for split, part in loaded.items()
-        }
-    )
+    return datasets.DatasetDict({name: with_file(split) for name, split in loaded.items()})
 
 
 def visible_files(directory: Path) -> list[Path]:

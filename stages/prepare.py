@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar100_dvc.common import StageError, atomic_output, progress, run_main
-from cifar100_dvc.images import decode_image, find_image_column, to_rgb_uint8
+from cifar100_dvc.images import SOURCE_FILE_COLUMN, decode_image, find_image_column, to_rgb_uint8
 from cifar100_dvc.params import PrepareParams, load_params
 from cifar100_dvc.paths import ProjectPaths
 from cifar100_dvc.records import DatasetInfo, SplitInfo, write_shards
@@ -133,13 +133,15 @@ def decoded_rows(dataset, rows: np.ndarray, split: str, image_column: str, image
     StageError naming the raw split, the row and, when the dataset records one, its file."""
     from datasets import Image
 
-    images = dataset.select_columns([image_column]).cast_column(image_column, Image(decode=False)).select(rows)
+    columns = [image_column, *([SOURCE_FILE_COLUMN] if SOURCE_FILE_COLUMN in dataset.column_names else [])]
+    images = dataset.select_columns(columns).cast_column(image_column, Image(decode=False)).select(rows)
     for start, batch in zip(range(0, len(rows), _READ_BATCH), images.iter(batch_size=_READ_BATCH)):
-        for row, encoded in zip(rows[start : start + _READ_BATCH], batch[image_column]):
+        files = batch.get(SOURCE_FILE_COLUMN) or [None] * len(batch[image_column])
+        for row, encoded, file in zip(rows[start : start + _READ_BATCH], batch[image_column], files):
             try:
                 image = decode_image(_image_bytes(encoded))
             except (OSError, ValueError) as error:
-                source = f" ({encoded['path']})" if encoded and encoded.get("path") else ""
+                source = f" ({file})" if file else ""
                 raise StageError(f"split {split!r}, row {row}{source}: {image_column} is {error}") from None
             if image.mode != "RGB":
                 stats.converted_modes[image.mode] += 1

@@ -43,7 +43,7 @@ def test_repro_runs_everything_once_then_only_what_changed(reproduced_repo, repo
 
     # Editing a shared module makes exactly the stages that import it out of date.
     for module, importers in {
-        "cifar100_dvc/images.py": {"prepare"},
+        "cifar100_dvc/images.py": {"fetch", "prepare"},
         "cifar100_dvc/hardware.py": {"train"},
         "cifar100_dvc/records.py": {"prepare", "train", "evaluate"},
         "cifar100_dvc/network.py": {"train", "evaluate", "export"},

@@ -220,3 +220,38 @@ def test_bad_params_stop_the_stage_with_the_key_named(tmp_path, hub_dataset, edi
     set_params(root, **edit)  # adds the key when params.yaml has none of that name
     assert_one_line_error(run_stage(root, "prepare"), message)
     assert not (root / "data" / "prepared").exists()
+
+
+# ---------------------------------------------------------------- a folder of images
+
+
+def test_an_image_folder_with_a_single_class_is_refused(tmp_path):
+    from cifar100_dvc.synthetic import write_image_folder
+
+    photos = write_image_folder(tmp_path / "photos", {"": 4}, ["cat"])
+    root = make_project(tmp_path / "project", photos, **{**TINY_PARAMS, "prepare.label": "label"})
+    assert_one_line_error(run_stage(root, "fetch"), "an image folder needs one sub-folder per class and two classes or more")
+    assert not (root / "data" / "raw").exists()
+
+
+def test_an_unreadable_file_in_an_image_folder_is_named_by_its_path(tmp_path):
+    from cifar100_dvc.synthetic import write_image_folder
+
+    photos = write_image_folder(tmp_path / "photos", {"train": 4, "test": 2}, ["cat", "dog"])
+    (photos / "train" / "dog" / "002.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    (photos / "train" / "cat" / "notes.txt").write_text("not an image, and not used")
+    root = make_project(tmp_path / "project", photos, **{**TINY_PARAMS, "prepare.label": "label"})
+    fetched = run_stage(root, "fetch")
+    assert fetched.returncode == 0, fetched.stderr[-2000:]
+    assert "not images (by their extension), not used: train/cat/notes.txt" in fetched.stderr
+    assert_one_line_error(run_stage(root, "prepare"), "(train/dog/002.jpg): image is not a readable image")
+    assert not (root / "data" / "prepared").exists()
+
+
+def test_an_image_folder_without_images_is_refused(tmp_path):
+    (tmp_path / "photos" / "cat").mkdir(parents=True)
+    (tmp_path / "photos" / "cat" / "list.csv").write_text("a,b\n")
+    root = make_project(tmp_path / "project", tmp_path / "photos", **TINY_PARAMS)
+    result = run_stage(root, "fetch")
+    assert_one_line_error(result, "cannot load dataset", "one sub-folder per class")
+    assert not (root / "data" / "raw").exists()
