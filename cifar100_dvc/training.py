@@ -205,6 +205,8 @@ class AirbenchSGD(keras.optimizers.Optimizer):
         name: str = "airbench_sgd",
         **kwargs,
     ):
+        if not isinstance(learning_rate, TriangleSchedule):  # its progress sets the freeze, lookahead's start and rho
+            raise TypeError(f"AirbenchSGD takes a TriangleSchedule, got {type(learning_rate).__name__}")
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.momentum, self.l2, self.bias_lr_scale = momentum, l2, bias_lr_scale
         self.whiten_bias_until = whiten_bias_until
@@ -227,10 +229,7 @@ class AirbenchSGD(keras.optimizers.Optimizer):
             self.lookahead_started = self.add_variable((), initializer="zeros", dtype="float32", name="lookahead_started")
 
     def _progress(self, step):
-        schedule = self._learning_rate
-        if isinstance(schedule, TriangleSchedule):
-            return schedule.progress(step)
-        return keras.ops.zeros(())
+        return self._learning_rate.progress(step)
 
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype
@@ -257,13 +256,8 @@ class AirbenchSGD(keras.optimizers.Optimizer):
         epoch_end = tf.equal(step % self.steps_per_epoch, 0)
 
         def update(pairs, mix, copy_back: bool):
-            for weights, slow in pairs:  # slow += mix * (weights - slow), as torch's lerp_: exact when they are equal
-                distribution.extended.update(
-                    slow.value,
-                    lambda s, w, m: s.assign_add(tf.cast(m, s.dtype) * (w - s)),
-                    args=(weights.value, mix),
-                    group=False,
-                )
+            for weights, slow in pairs:
+                distribution.extended.update(slow.value, _move_toward, args=(weights.value, mix), group=False)
                 if copy_back:
                     distribution.extended.update(weights.value, lambda w, s: w.assign(s), args=(slow.value,), group=False)
 
@@ -272,12 +266,7 @@ class AirbenchSGD(keras.optimizers.Optimizer):
         tf.cond(due & ~started, lambda: update(pairs, 1.0, copy_back=False), lambda: None)
         tf.cond(due & started, lambda: update(pairs, 1.0 - rho, copy_back=True), lambda: None)
         tf.cond(epoch_end & (due | started), lambda: update(pairs, 0.0, copy_back=True), lambda: None)
-        distribution.extended.update(
-            self.lookahead_started.value,
-            lambda flag, d: flag.assign(tf.maximum(flag, tf.cast(d, flag.dtype))),
-            args=(due,),
-            group=False,
-        )
+        distribution.extended.update(self.lookahead_started.value, _raise_flag, args=(due,), group=False)
 
     def finish_lookahead(self) -> None:
         """Make the weights the slow copy, if lookahead has started: what every epoch's end does, for a
@@ -302,6 +291,7 @@ class AirbenchSGD(keras.optimizers.Optimizer):
 
 
 def _move_toward(slow, weights, mix):
+    """slow += mix * (weights - slow), as torch's lerp_: exact when the two are equal."""
     return slow.assign_add(tf.cast(mix, slow.dtype) * (weights - slow))
 
 
