@@ -84,17 +84,6 @@ class ChannelSums:
         return mean.tolist(), np.sqrt(variance).tolist()
 
 
-def channel_stats(images_uint8: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and (population) standard deviation of [N, H, W, 3] pixels, in 0..255 units.
-
-    Sums are exact integers, accumulated in chunks so memory stays at one chunk of int64.
-    """
-    sums = ChannelSums()
-    for start in range(0, len(images_uint8), chunk):
-        sums.add(images_uint8[start : start + chunk])
-    return sums.mean_and_std()
-
-
 def class_names_for(features, label_column: str) -> list[str]:
     """The names of ``label_column``'s classes, from the dataset's features."""
     from datasets import ClassLabel

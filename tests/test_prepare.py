@@ -11,7 +11,7 @@ import pytest
 from cifar100_dvc.images import decode_image, to_rgb_uint8
 from cifar100_dvc.records import DatasetInfo, read_arrays, read_split
 from cifar100_dvc.synthetic import COARSE_NAMES, FINE_NAMES, hub_fine_names, make_rows, write_hub_dataset
-from stages.prepare import channel_stats, fix_class_names, stratified_split
+from stages.prepare import ChannelSums, fix_class_names, stratified_split
 
 
 def decoded_rows(rows):
@@ -31,9 +31,12 @@ def test_stratified_split_is_disjoint_stratified_and_seeded():
     assert not np.array_equal(train, other_train)
 
 
-def test_channel_stats_equal_numpy():
+def test_streamed_channel_stats_equal_numpy():
     images = np.random.default_rng(0).integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
-    mean, std = channel_stats(images, chunk=7)
+    sums = ChannelSums()
+    for start in range(0, 50, 7):  # as prepare adds images while it writes them
+        sums.add(images[start : start + 7])
+    mean, std = sums.mean_and_std()
     pixels = images.reshape(-1, 3).astype(np.float64)
     np.testing.assert_allclose(mean, pixels.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(std, pixels.std(axis=0), rtol=1e-9)
