@@ -374,7 +374,12 @@ AIRBENCH_BATCHNORM_EPSILON = 1e-12  # airbench's: the batch variance alone sets 
 WHITENING_BIAS_LAYER = "stem_whiten_bias"  # the one layer whose variables airbench trains for only the first epochs
 
 
-def _airbench_block(x, filters: int, name: str, batchnorm: dict):
+def keras_gelu(name: str) -> layers.Layer:
+    """Keras' own exact GELU layer (TensorFlow's composite ops): what ``GELU`` replaces, for the benchmark."""
+    return layers.Activation("gelu", name=name)
+
+
+def _airbench_block(x, filters: int, name: str, batchnorm: dict, batch_norm: type, activation):
     """airbench's ConvGroup: conv3x3 -> maxpool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU; convolutions
     without bias, PyTorch's default init with the identity on their first filters (dirac)."""
     for index in (1, 2):
@@ -388,12 +393,18 @@ def _airbench_block(x, filters: int, name: str, batchnorm: dict):
         )(x)
         if index == 1:
             x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
-        x = FusedBatchNormalization(**batchnorm, name=f"{name}_bn{index}")(x)
-        x = GELU(name=f"{name}_gelu{index}")(x)
+        x = batch_norm(**batchnorm, name=f"{name}_bn{index}")(x)
+        x = activation(name=f"{name}_gelu{index}")(x)
     return x
 
 
-def build_airbench(spec: InputSpec, config: AirbenchParams, whitening_kernel: np.ndarray | None = None) -> keras.Model:
+def build_airbench(
+    spec: InputSpec,
+    config: AirbenchParams,
+    whitening_kernel: np.ndarray | None = None,
+    batch_norm: type[layers.BatchNormalization] = FusedBatchNormalization,
+    activation=GELU,
+) -> keras.Model:
     """airbench93 (KellerJordan/cifar10-airbench, ``make_net93``), layer for layer, at ``config.widths``.
 
     A frozen 2x2 patch-whitening convolution (no padding, 2 * 4C channels, its kernel from
@@ -401,6 +412,8 @@ def build_airbench(spec: InputSpec, config: AirbenchParams, whitening_kernel: np
     per-channel bias, then GELU; three blocks (``_airbench_block``); a max over what is left
     of the image (airbench's MaxPool2d(3) at 32x32); a bias-free linear layer and the logits
     times ``config.output_scale``. BatchNorm has no learned scale unless ``config.batchnorm_scale``.
+    ``batch_norm=keras.layers.BatchNormalization`` and ``activation=keras_gelu`` give the same network
+    with Keras' stock layers (slower training steps), which the benchmark times.
     """
     if len(config.widths) != 3:
         raise ValueError(f"airbench needs 3 widths (block 1, 2, 3), got {list(config.widths)}")
@@ -418,10 +431,10 @@ def build_airbench(spec: InputSpec, config: AirbenchParams, whitening_kernel: np
     if whitening_kernel is not None:
         stem.kernel.assign(whitening_kernel)
     x = ChannelBias(name=WHITENING_BIAS_LAYER)(x)
-    x = GELU(name="stem_gelu")(x)
+    x = activation(name="stem_gelu")(x)
     batchnorm = {"momentum": config.batchnorm_momentum, "epsilon": AIRBENCH_BATCHNORM_EPSILON, "scale": config.batchnorm_scale}
     for block, filters in enumerate(config.widths, start=1):
-        x = _airbench_block(x, filters, f"block{block}", batchnorm)
+        x = _airbench_block(x, filters, f"block{block}", batchnorm, batch_norm, activation)
     x = layers.GlobalMaxPooling2D(name="global_pool")(x)
     # float32 logits even under a mixed-precision policy: softmax/loss need the range.
     x = layers.Dense(

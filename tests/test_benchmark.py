@@ -51,6 +51,8 @@ def test_benchmark_writes_every_measurement(hub_dataset, tmp_path):
     )
     assert [step["name"].split(" ")[0] for step in results["baseline_steps"]] == ["notebook", "+", "+", "+"]
     assert all(step["compute_only_images_per_s"] > 0 for step in results["baseline_steps"])
+    assert [step["name"].split(" ")[0] for step in results["airbench_steps"]] == ["Keras'", "+", "+"]
+    assert all(step["compute_only_images_per_s"] > 0 for step in results["airbench_steps"])
     assert 0 < results["noop_dvc_repro_seconds"] < 60
 
     table = (out / "results.md").read_text()
@@ -67,5 +69,6 @@ def test_benchmark_writes_every_measurement(hub_dataset, tmp_path):
         "+ fused BatchNorm",
         "Share of the machine's peak",
         "| training | MFLOPs per image |",
+        "+ fused GELU (the project's airbench)",
     ):
         assert heading in table

@@ -16,7 +16,7 @@ Writes benchmarks/results.json and benchmarks/results.md, measured in this order
    (one batch held in memory), giving the share of time lost to input, with each network's
    floating-point operations per training image (``training_flops_per_image``), the FLOP/s they
    make and that as a share of the ceiling; then where the baseline's speed-up comes from, one
-   change at a time (compute only);
+   change at a time (compute only), and airbench's from Keras' stock BatchNorm and GELU;
 5. wall time of a no-op ``dvc repro``.
 """
 
@@ -188,11 +188,13 @@ class Workload:
 @dataclass(frozen=True)
 class ModelRecipe:
     """One measured model: its train settings (network included) and dtype policy; with
-    ``stock_batch_norm``, the notebook's graph (Keras' BatchNormalization, one step per call, no XLA)."""
+    ``stock_batch_norm``, Keras' BatchNormalization (and, for the notebook's baseline, its graph: one step
+    per call, no XLA); with ``stock_gelu`` (airbench), Keras' own GELU instead of the fused one."""
 
     settings: TrainParams
     policy: str
     stock_batch_norm: bool = False
+    stock_gelu: bool = False
 
 
 def resolve_dataset(dataset: str, label: str | None, work: Path) -> tuple[str, str | None]:
@@ -256,18 +258,22 @@ def make_model(work: Workload, recipe: ModelRecipe):
     import keras
 
     from cifar100_dvc import training
-    from cifar100_dvc.network import build_baseline, build_network
+    from cifar100_dvc.network import GELU, FusedBatchNormalization, build_airbench, build_baseline, build_network, keras_gelu
 
     spec = training.input_spec(work.info)
     settings = recipe.settings
     steps_per_epoch = work.num_train // settings.batch_size
+    kernel = training.whitening_kernel(settings, work.info, work.paths.prepared_dir)
+    jit_compile, steps_per_execution = work.device.jit_compile, work.device.steps_per_execution
     with training.dtype_policy(recipe.policy):
-        if recipe.stock_batch_norm:
+        if recipe.stock_batch_norm and settings.arch == "baseline":
             model = build_baseline(spec, batch_norm=keras.layers.BatchNormalization)
             jit_compile, steps_per_execution = False, 1
+        elif settings.arch == "airbench":
+            batch_norm = keras.layers.BatchNormalization if recipe.stock_batch_norm else FusedBatchNormalization
+            model = build_airbench(spec, settings.airbench, kernel, batch_norm, keras_gelu if recipe.stock_gelu else GELU)
         else:
-            model = build_network(settings, spec, training.whitening_kernel(settings, work.info, work.paths.prepared_dir))
-            jit_compile, steps_per_execution = work.device.jit_compile, work.device.steps_per_execution
+            model = build_network(settings, spec, kernel)
         training.compile_model(model, settings, steps_per_epoch, jit_compile, steps_per_execution)
     return model
 
@@ -425,6 +431,26 @@ def baseline_breakdown(work: Workload, params: Params, train_rows: list[dict], i
     ]
 
 
+def airbench_breakdown(work: Workload, params: Params, train_rows: list[dict], images_per_run: int, repeats: int) -> list[dict]:
+    """Where airbench's training rate comes from in TensorFlow, one change at a time from Keras' stock
+    layers, compute only (the last step is the airbench row of ``train_rows``)."""
+    settings = project_recipes(params, work.num_train)["airbench"]
+    policy = work.device.mixed_precision_policy
+    batch = next(iter(train_reader(work, settings, augment=True)))
+    steps = [("Keras' BatchNormalization and gelu", True, True), ("+ fused BatchNorm (no scale through the kernel)", False, True)]
+    rows = [
+        measure_compute_only(
+            name,
+            functools.partial(make_model, work, ModelRecipe(settings, policy, stock_batch_norm=stock_bn, stock_gelu=stock_gelu)),
+            batch,
+            images_per_run,
+            repeats,
+        )
+        for name, stock_bn, stock_gelu in steps
+    ]
+    return [*rows, {**train_rows[-1], "name": "+ fused GELU (the project's airbench)"}]
+
+
 def run_benchmark(dataset: str, label: str | None, out_dir: Path, images_per_run: int, input_images: int, repeats: int) -> dict:
     """Every measurement, in the order of the module's list; written to ``out_dir`` (results.json, results.md)."""
     params = load_params(REPO_ROOT / "params.yaml")
@@ -448,6 +474,7 @@ def run_benchmark(dataset: str, label: str | None, out_dir: Path, images_per_run
         notebook_row, project_row = results["train"][0], results["train"][1]
         results["baseline_speedup"] = round(project_row["images_per_s"] / notebook_row["images_per_s"], 2)
         results["baseline_steps"] = baseline_breakdown(work, params, results["train"], images_per_run, repeats)
+        results["airbench_steps"] = airbench_breakdown(work, params, results["train"], images_per_run, repeats)
         results["noop_dvc_repro_seconds"] = noop_repro_seconds(dataset, label, scratch_dir / "repo")
         log.info("no-op dvc repro: %.2f s", results["noop_dvc_repro_seconds"])
     finally:
@@ -541,6 +568,17 @@ def to_markdown(results: dict) -> str:
     ]
     reference = results["baseline_steps"][0]["compute_only_images_per_s"]
     for step in results["baseline_steps"]:
+        rate = step["compute_only_images_per_s"]
+        lines.append(f"| {step['name']} | {rate:,.0f} | {rate / reference:.2f}x |")
+    lines += [
+        "",
+        "Where airbench's rate comes from in TensorFlow, one change at a time from Keras' stock layers (compute only):",
+        "",
+        "| airbench | compute-only images/s | over Keras' layers |",
+        "| --- | ---: | ---: |",
+    ]
+    reference = results["airbench_steps"][0]["compute_only_images_per_s"]
+    for step in results["airbench_steps"]:
         rate = step["compute_only_images_per_s"]
         lines.append(f"| {step['name']} | {rate:,.0f} | {rate / reference:.2f}x |")
     return "\n".join([*lines, ""])
