@@ -72,3 +72,23 @@ def test_benchmark_writes_every_measurement(hub_dataset, tmp_path):
         "+ fused GELU (the project's airbench)",
     ):
         assert heading in table
+
+
+def test_arrays_writes_the_prepared_images_and_labels_as_prepare_stored_them(prepared_paths, tmp_path):
+    """The PyTorch comparison trains on exactly the pipeline's images: every example, in stored order."""
+    import numpy as np
+
+    from cifar100_dvc.records import DatasetInfo, read_split
+    from tools import arrays
+
+    out = tmp_path / "splits.npz"
+    arrays.main([str(prepared_paths.prepared_dir), str(out)])
+    saved = np.load(out)
+    info = DatasetInfo.read(prepared_paths.prepared_dir)
+    for prefix, split in (("train", "train"), ("test", "val")):
+        images, labels = saved[f"{prefix}_images"], saved[f"{prefix}_labels"]
+        assert images.dtype == np.uint8 and images.shape == (info.splits[split].num_examples, *info.image_shape)
+        first_images, first_labels = next(read_split(prepared_paths.prepared_dir, split, 7).as_numpy_iterator())
+        np.testing.assert_array_equal(images[:7], first_images)
+        np.testing.assert_array_equal(labels[:7], first_labels)
+        assert labels.min() >= 0 and labels.max() < len(info.class_names)
