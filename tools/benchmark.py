@@ -563,25 +563,23 @@ def to_markdown(results: dict) -> str:
         "",
         "Where the baseline's speed-up comes from, one change at a time (compute only):",
         "",
-        "| baseline | compute-only images/s | over the notebook's settings |",
-        "| --- | ---: | ---: |",
-    ]
-    reference = results["baseline_steps"][0]["compute_only_images_per_s"]
-    for step in results["baseline_steps"]:
-        rate = step["compute_only_images_per_s"]
-        lines.append(f"| {step['name']} | {rate:,.0f} | {rate / reference:.2f}x |")
-    lines += [
+        *_steps_table(results["baseline_steps"], "baseline", "over the notebook's settings"),
         "",
         "Where airbench's rate comes from in TensorFlow, one change at a time from Keras' stock layers (compute only):",
         "",
-        "| airbench | compute-only images/s | over Keras' layers |",
-        "| --- | ---: | ---: |",
+        *_steps_table(results["airbench_steps"], "airbench", "over Keras' layers"),
     ]
-    reference = results["airbench_steps"][0]["compute_only_images_per_s"]
-    for step in results["airbench_steps"]:
-        rate = step["compute_only_images_per_s"]
-        lines.append(f"| {step['name']} | {rate:,.0f} | {rate / reference:.2f}x |")
     return "\n".join([*lines, ""])
+
+
+def _steps_table(steps: list[dict], network: str, against: str) -> list[str]:
+    """A one-change-at-a-time table: each step's compute-only rate and its ratio to the first step's."""
+    reference = steps[0]["compute_only_images_per_s"]
+    rows = [f"| {network} | compute-only images/s | {against} |", "| --- | ---: | ---: |"]
+    for step in steps:
+        rate = step["compute_only_images_per_s"]
+        rows.append(f"| {step['name']} | {rate:,.0f} | {rate / reference:.2f}x |")
+    return rows
 
 
 def main() -> None:
