@@ -1,14 +1,16 @@
 """airbench93's own PyTorch code on the CPU: the yardstick for the project's training speed.
 
 KellerJordan/cifar10-airbench (airbench/lib_airbench93.py with airbench/utils.py) moved from the GPU
-to the CPU: bfloat16 autocast instead of ``.half().cuda()``, channels-last kept, CUDA events replaced
-by ``time.perf_counter``; the network, optimizer, schedule, lookahead, augmentation and test-time
+to the CPU: bfloat16 autocast instead of ``.half().cuda()`` (``--dtype float32``: no autocast, for a
+CPU without bfloat16 instructions, where the project trains in float32 too), channels-last kept, CUDA
+events replaced by ``time.perf_counter``; the network, optimizer, schedule, lookahead, augmentation and test-time
 views as published. A measuring tool, never part of the project (nothing imports it, and PyTorch is
 not a dependency): run it from a scratch environment, see docs/results.md.
 
     python -m tools.arrays data/prepared splits.npz        # the pipeline's train and val images
     python -m venv /tmp/torch && /tmp/torch/bin/pip install torch==2.13.0 numpy
-    /tmp/torch/bin/python benchmarks/airbench93_pytorch.py splits.npz 10   # EPOCHS [--widths 64,128,128] [--seed 0] [--steps N]
+    /tmp/torch/bin/python benchmarks/airbench93_pytorch.py splits.npz 10   # EPOCHS, then any of:
+        [--widths 64,128,128] [--seed 0] [--steps N] [--dtype float32]
 
 It prints each epoch's seconds, the training time, the steady-state rate (images/s from the third
 step of each epoch on) and the accuracy on the file's test images without and with the views.
@@ -36,7 +38,6 @@ hyp = {
     "aug": {"flip": True, "translate": 2},
     "net": {"whitening": {"kernel_size": 2}, "batchnorm_momentum": 0.6, "scaling_factor": 1 / 9, "tta_level": 2},
 }
-DTYPE = torch.bfloat16
 
 
 class Flatten(nn.Module):
@@ -178,7 +179,12 @@ class LookaheadState:
                 net_param.copy_(ema_param)
 
 
-def infer(model, images, tta_level):
+def autocast(dtype):
+    """Mixed precision as airbench's fp16 on a GPU, in ``dtype`` on the CPU; float32: none."""
+    return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+
+
+def infer(model, images, tta_level, dtype):
     def basic(x):
         return model(x).float()
 
@@ -193,11 +199,12 @@ def infer(model, images, tta_level):
 
     fn = [basic, mirror, mirror_translate][tta_level]
     model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=DTYPE):
+    with torch.no_grad(), autocast(dtype):
         return torch.cat([fn(x.contiguous(memory_format=torch.channels_last)) for x in images.split(2000)])
 
 
 def main(args):
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     data = np.load(args.data)
     widths = [int(w) for w in args.widths.split(",")]
     num_classes = int(data["train_labels"].max()) + 1
@@ -242,7 +249,7 @@ def main(args):
         model.train()
         step_start = None
         for step_in_epoch, (inputs, labels) in enumerate(train_loader, start=1):
-            with torch.autocast("cpu", dtype=DTYPE):
+            with autocast(dtype):
                 outputs = model(inputs)
                 loss = loss_fn(outputs.float(), labels).sum()
             optimizer.zero_grad(set_to_none=True)
@@ -278,7 +285,7 @@ def main(args):
     test_images = train_loader.normalize((torch.tensor(data["test_images"]).float() / 255).permute(0, 3, 1, 2))
     test_labels = torch.tensor(data["test_labels"]).long()
     for level in (0, 2):
-        accuracy = (infer(model, test_images, level).argmax(1) == test_labels).float().mean().item()
+        accuracy = (infer(model, test_images, level, dtype).argmax(1) == test_labels).float().mean().item()
         print(f"test accuracy, tta level {level}: {accuracy:.4f}")
 
 
@@ -290,6 +297,7 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=0, help="stop after N steps (speed probe)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute precision")
     return p.parse_args()
 
 

@@ -242,6 +242,13 @@ def test_cpu_bfloat16_detection_reads_the_flags(tmp_path, cpuinfo, expected):
     assert hardware.cpu_flags(tmp_path / "missing", environ={}) == frozenset()
 
 
+def test_cpu_family_and_name_come_from_the_first_cpu(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\ncpu family\t: 26\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\ncpu family\t: 25\n")
+    assert (hardware.cpu_family(cpuinfo), hardware.cpu_model_name(cpuinfo)) == ("26", "AMD EPYC")
+    assert (hardware.cpu_family(tmp_path / "missing"), hardware.cpu_model_name(tmp_path / "missing")) == ("?", "unknown")
+
+
 def test_cpu_flags_override_replaces_what_the_cpu_says(tmp_path):
     (tmp_path / "cpuinfo").write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
     environ = {hardware.CPU_FLAGS_ENV: "AVX2, fma"}
