@@ -161,6 +161,12 @@ class TrainParams:
         "zeros", "what the crop's padding holds: black, or the image reflected at its edge (no artificial edge)"
     )
     seed: int = _param(0, "seed of weights, shuffling and augmentation", ge=0)
+    validation_freq: int = _param(
+        1,
+        "epochs between val passes while training (Keras' validation_freq), the last epoch always one: 1 draws the val "
+        "curve every epoch; more saves the pass's time (about 5% of airbench's epoch); evaluate scores val either way",
+        ge=1,
+    )
     shuffle_buffer: int = _param(50000, "shuffle buffer, in examples (>= train size: a full shuffle)", ge=1)
     time_budget_minutes: float | None = _param(
         None,

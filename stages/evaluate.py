@@ -89,6 +89,13 @@ def epoch_positions(history: dict) -> tuple[list[float], bool]:
     return positions, cut_short
 
 
+def curve_points(rows: list[dict], positions: list[float], full: int, key: str) -> list[tuple[float, float, bool]]:
+    """(x, value, whether the epoch is whole) of the history ``rows`` that hold ``key``: val is scored
+    only every few epochs with ``train.validation_freq``, so its curve joins the epochs that have it.
+    ``full``: how many rows are whole epochs (the last may be cut short by the time budget)."""
+    return [(x, row[key], index < full) for index, (x, row) in enumerate(zip(positions, rows)) if row.get(key) is not None]
+
+
 def plot_training_curves(history: dict, path: Path) -> None:
     """Loss and accuracy per epoch; an epoch cut short by the time budget is a hollow marker at its fraction."""
     import matplotlib.pyplot as plt
@@ -98,13 +105,14 @@ def plot_training_curves(history: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for axis, metric, title in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "top-1 accuracy")):
         for prefix, label in (("", "train"), ("val_", "val")):
-            values = [row.get(prefix + metric) for row in history["epochs"]]
-            if all(value is None for value in values):
+            points = curve_points(history["epochs"], positions, full, prefix + metric)
+            if not points:
                 continue
-            (line,) = axis.plot(positions, values, label=label)
-            axis.plot(positions[:full], values[:full], "o", color=line.get_color())
-            if cut_short:
-                axis.plot(positions[-1], values[-1], "o", color=line.get_color(), markerfacecolor="none")
+            (line,) = axis.plot([x for x, _, _ in points], [value for _, value, _ in points], label=label)
+            whole = [(x, value) for x, value, is_whole in points if is_whole]
+            axis.plot([x for x, _ in whole], [value for _, value in whole], "o", color=line.get_color())
+            if not points[-1][2]:  # the epoch cut short by the time budget
+                axis.plot(points[-1][0], points[-1][1], "o", color=line.get_color(), markerfacecolor="none")
         if cut_short:
             axis.plot([], [], "o", color="gray", markerfacecolor="none", label=CUT_SHORT_LABEL)
         axis.set_xlabel("epoch")

@@ -262,6 +262,7 @@ def _fit(model, params, info, paths, steps_per_epoch, history, clock, run_finger
             initial_epoch=initial_epoch,
             steps_per_epoch=steps_per_epoch,
             validation_data=val_batches,
+            validation_freq=validation_epochs(params.validation_freq, params.epochs),
             callbacks=[clock, checkpoint, DVCLiveCallback(live=live)],
             verbose=1 if sys.stdout.isatty() else 2,
             shuffle=False,  # the reader already shuffles, seeded
@@ -274,6 +275,12 @@ def _fit(model, params, info, paths, steps_per_epoch, history, clock, run_finger
     live.summary["train_seconds"] = round(history[-1]["seconds"], 1) if history else 0.0
     live.make_summary()
     live.end()
+
+
+def validation_epochs(every: int, epochs: int) -> list[int]:
+    """The epochs (counted from 1) after which training scores val: every ``every``-th, and the last,
+    so that the curve always ends on the model that is saved."""
+    return sorted({*range(every, epochs + 1, every), epochs})
 
 
 def _work_done(history: list[dict], images_per_epoch: int) -> tuple[float, int]:

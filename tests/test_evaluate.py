@@ -12,6 +12,7 @@ from stages.evaluate import (
     compute_metrics,
     confusion_colors,
     confusion_matrix,
+    curve_points,
     epoch_positions,
     plot_confusion_matrix,
     plot_training_curves,
@@ -78,6 +79,17 @@ def test_an_epoch_cut_short_by_the_time_budget_sits_at_its_fraction(tmp_path):
     assert epoch_positions(history(True, None)) == ([1.0, 2.0, 3.0], True)  # no fraction recorded: still marked
     assert epoch_positions(history(True, 1.0)) == ([1.0, 2.0, 3.0], False)  # the budget ran out on the epoch's last step
     plot_training_curves(history(True, 0.4), tmp_path / "training_curves.png")
+    assert (tmp_path / "training_curves.png").stat().st_size > 0
+
+
+def test_val_scored_every_few_epochs_is_drawn_at_the_epochs_that_have_it(tmp_path):
+    gappy = history(True, 0.4)
+    del gappy["epochs"][0]["val_loss"]  # train.validation_freq: 2 scores val after epochs 2 and 3 only
+    positions, cut_short = epoch_positions(gappy)
+    assert curve_points(gappy["epochs"], positions, 2, "val_loss") == [(2.0, 3.1 - 2, True), (2.4, 3.1 - 3, False)]
+    assert curve_points(gappy["epochs"], positions, 2, "val_accuracy") == []  # never scored: no curve
+    assert len(curve_points(gappy["epochs"], positions, 2, "loss")) == 3
+    plot_training_curves(gappy, tmp_path / "training_curves.png")
     assert (tmp_path / "training_curves.png").stat().st_size > 0
 
 

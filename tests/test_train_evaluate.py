@@ -104,6 +104,16 @@ def test_time_budget_stops_training_early(prepared, tiny_train):
     assert paths.model_file.is_file()
 
 
+def test_validation_freq_scores_val_every_nth_epoch_and_the_last(prepared, tiny_train):
+    assert train.validation_epochs(1, 4) == [1, 2, 3, 4]
+    assert train.validation_epochs(3, 7) == [3, 6, 7]
+    assert train.validation_epochs(20, 10) == [10]  # more than the epochs: the last only
+    summary = train.run(dataclasses.replace(tiny_train, epochs=3, validation_freq=2), prepared)
+    assert ["val_accuracy" in row for row in summary["epochs"]] == [False, True, True]
+    live = json.loads(prepared.live_metrics_file.read_text())
+    assert live["eval"]["accuracy"] == summary["epochs"][-1]["val_accuracy"]  # the curve ends on the saved model
+
+
 class StepClock(train.TrainingClock):
     """A clock that advances one second each time it is read: budgets in steps, not wall time."""
 
