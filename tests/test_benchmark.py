@@ -49,10 +49,20 @@ def test_benchmark_writes_every_measurement(hub_dataset, tmp_path):
     assert results["baseline_speedup"] == pytest.approx(
         results["train"][1]["images_per_s"] / results["train"][0]["images_per_s"], abs=0.01
     )
-    assert [step["name"].split(" ")[0] for step in results["baseline_steps"]] == ["notebook", "+", "+", "+"]
+    # The last step is the project row: its bfloat16 compute, or on a CPU without bfloat16 float32 too.
+    project_step = "+ mixed_bfloat16 compute" if results["compute"]["bfloat16"] else "the project settings (float32"
+    steps = [step["name"] for step in results["baseline_steps"]]
+    assert [name.split(" ")[0] for name in steps[:3]] == ["notebook", "+", "+"] and steps[3].startswith(project_step)
     assert all(step["compute_only_images_per_s"] > 0 for step in results["baseline_steps"])
     assert [step["name"].split(" ")[0] for step in results["airbench_steps"]] == ["Keras'", "+", "+"]
     assert all(step["compute_only_images_per_s"] > 0 for step in results["airbench_steps"])
+    convolutions = results["airbench_convolutions"]  # airbench's step, at its 500-image batch
+    assert convolutions["batch_size"] == 500 and convolutions["dtype"] == project_dtype
+    assert list(convolutions["passes"]) == ["forward", "input gradient", "kernel gradient"]
+    assert all(timed["seconds"] > 0 and timed["gflops_per_s"] > 0 for timed in convolutions["passes"].values())
+    assert convolutions["convolutions_share_of_step"] == pytest.approx(
+        sum(timed["share_of_step"] for timed in convolutions["passes"].values()), abs=2e-3
+    )
     assert 0 < results["noop_dvc_repro_seconds"] < 60
 
     table = (out / "results.md").read_text()
@@ -70,6 +80,8 @@ def test_benchmark_writes_every_measurement(hub_dataset, tmp_path):
         "Share of the machine's peak",
         "| training | MFLOPs per image |",
         "+ fused GELU (the project's airbench)",
+        "| convolutions, kernel gradient |",
+        "| the rest: BatchNorm, GELU, pooling, loss, optimizer, lookahead |",
     ):
         assert heading in table
 
