@@ -169,31 +169,46 @@ def float32_model(model: keras.Model) -> keras.Model:
     return clean
 
 
-def training_flops_per_image(model: keras.Model) -> int:
-    """Floating-point operations of one training image through ``model``'s convolutions and dense layers.
+FORWARD, INPUT_GRADIENT, KERNEL_GRADIENT = "forward", "input gradient", "kernel gradient"
+
+
+def training_passes(model: keras.Model) -> list[tuple[layers.Layer, int, tuple[str, ...]]]:
+    """(layer, forward FLOPs per image, the passes a training step makes) of ``model``'s convolutions and
+    dense layers, in order.
 
     Counted from the layers (a multiply-add is 2 FLOPs): a Conv2D's forward pass is
     2 x output height x width x filters x (kernel height x width x input channels), a Dense's
-    2 x inputs x units. Its backward pass adds the same again for the gradient of its input,
-    unless no trainable weight lies before it (nothing upstream needs it), and again for the
-    gradient of its kernel, when it is trainable. Normalization, activations, pooling and the
-    optimizer are left out: they are a few operations per value, bound by memory, not by
-    arithmetic. This is the work a training step cannot avoid; time spent elsewhere shows up
-    as a lower share of the machine's matrix-multiply rate.
+    2 x inputs x units; each backward pass costs the same. The gradient of a layer's input is
+    computed unless no trainable weight lies before it (nothing upstream needs it), that of its
+    kernel when the layer trains.
     """
-    total, upstream_trainable = 0, False
+    passes, upstream_trainable = [], False
     for layer in model.layers:  # a functional model's layers are in topological order
-        forward = 0
         if isinstance(layer, layers.Conv2D):
             _, height, width, filters = layer.output.shape
             kernel_height, kernel_width, channels_in, _ = layer.kernel.shape
             forward = 2 * height * width * filters * kernel_height * kernel_width * channels_in
         elif isinstance(layer, layers.Dense):
             forward = 2 * math.prod(layer.kernel.shape)
+        else:
+            forward = 0
         trainable = bool(layer.trainable_weights)
-        total += forward * (1 + int(upstream_trainable) + int(trainable and hasattr(layer, "kernel")))
+        if forward:
+            backward = (INPUT_GRADIENT,) * upstream_trainable + (KERNEL_GRADIENT,) * trainable
+            passes.append((layer, int(forward), (FORWARD, *backward)))
         upstream_trainable = upstream_trainable or trainable
-    return int(total)
+    return passes
+
+
+def training_flops_per_image(model: keras.Model) -> int:
+    """Floating-point operations of one training image through ``model``'s convolutions and dense layers
+    (``training_passes``: forward, and the input's and kernel's gradients where training needs them).
+
+    Normalization, activations, pooling and the optimizer are left out: they are a few operations
+    per value, bound by memory, not by arithmetic. This is the work a training step cannot avoid;
+    time spent elsewhere shows up as a lower share of the machine's matrix-multiply rate.
+    """
+    return sum(forward * len(passes) for _, forward, passes in training_passes(model))
 
 
 def class_names_of(model: keras.Model) -> list[str]:

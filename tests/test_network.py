@@ -244,7 +244,7 @@ def test_dirac_initializer_passes_the_first_channels_through_and_draws_the_rest(
 
 
 def test_training_flops_are_counted_from_the_layers():
-    from cifar100_dvc.network import training_flops_per_image
+    from cifar100_dvc.network import FORWARD, INPUT_GRADIENT, KERNEL_GRADIENT, training_flops_per_image, training_passes
 
     inputs = keras.Input((8, 8, 3))
     frozen = keras.layers.Conv2D(4, 3, padding="same", trainable=False)(inputs)  # forward only
@@ -256,6 +256,11 @@ def test_training_flops_are_counted_from_the_layers():
     learned_forward = 2 * 6 * 6 * 6 * 3 * 3 * 4
     dense_forward = 2 * 6 * 5
     assert training_flops_per_image(model) == frozen_forward + 2 * learned_forward + 3 * dense_forward
+    assert [(forward, passes) for _, forward, passes in training_passes(model)] == [
+        (frozen_forward, (FORWARD,)),
+        (learned_forward, (FORWARD, KERNEL_GRADIENT)),
+        (dense_forward, (FORWARD, INPUT_GRADIENT, KERNEL_GRADIENT)),
+    ]
     # airbench93 for 10 classes: 108.1 MFLOPs forward; training about 3x, less the frozen stem's backward.
     assert training_flops_per_image(build_network(TrainParams(arch="airbench"), spec(10))) == 324_236_352
 

@@ -16,7 +16,8 @@ Writes benchmarks/results.json and benchmarks/results.md, measured in this order
    (one batch held in memory), giving the share of time lost to input, with each network's
    floating-point operations per training image (``training_flops_per_image``), the FLOP/s they
    make and that as a share of the ceiling; then where the baseline's speed-up comes from, one
-   change at a time (compute only), and airbench's from Keras' stock BatchNorm and GELU;
+   change at a time (compute only), and airbench's from Keras' stock BatchNorm and GELU; and where
+   airbench's step goes: each pass of its convolutions timed alone, against the whole step;
 5. wall time of a no-op ``dvc repro``.
 """
 
@@ -455,6 +456,87 @@ def airbench_breakdown(work: Workload, params: Params, train_rows: list[dict], i
     return [*rows, {**train_rows[-1], "name": "+ fused GELU (the project's airbench)"}]
 
 
+def time_best(function, repeats: int) -> float:
+    """The best of ``repeats`` timed calls of ``function`` (after one untimed call that traces and warms it)."""
+    function()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def convolution_pass(kind: str, images, kernel, upstream, strides: list[int], padding: str):
+    """One pass of a convolution as a traced TensorFlow function: ``forward`` (images * kernel),
+    ``input gradient`` or ``kernel gradient`` (from ``upstream``, the gradient of its output)."""
+    import tensorflow as tf
+
+    from cifar100_dvc.network import FORWARD, INPUT_GRADIENT
+
+    if kind == FORWARD:
+        return tf.function(lambda: tf.nn.conv2d(images, kernel, strides, padding))
+    if kind == INPUT_GRADIENT:
+        return tf.function(
+            lambda: tf.raw_ops.Conv2DBackpropInput(
+                input_sizes=tf.shape(images), filter=kernel, out_backprop=upstream, strides=strides, padding=padding
+            )
+        )
+    return tf.function(
+        lambda: tf.raw_ops.Conv2DBackpropFilter(
+            input=images, filter_sizes=tf.shape(kernel), out_backprop=upstream, strides=strides, padding=padding
+        )
+    )
+
+
+def convolution_times(work: Workload, params: Params, train_rows: list[dict], repeats: int) -> dict:
+    """Where airbench's compute-only training step goes: each pass of each of its convolutions that a
+    training step makes (``training_passes``: forward, input gradient, kernel gradient) timed alone with
+    TensorFlow's own ops at the row's batch and precision, summed per kind, against the whole step
+    (batch / the compute-only rate of the airbench row of ``train_rows``); the rest is BatchNorm, GELU,
+    pooling, the loss, the optimizer update and lookahead."""
+    import keras
+    import tensorflow as tf
+
+    from cifar100_dvc.network import FORWARD, INPUT_GRADIENT, KERNEL_GRADIENT, training_passes
+
+    settings = project_recipes(params, work.num_train)["airbench"]
+    policy = work.device.mixed_precision_policy
+    dtype = tf.bfloat16 if policy == "mixed_bfloat16" else tf.float32
+    batch = settings.batch_size
+    rng = tf.random.Generator.from_seed(0)
+    totals = {kind: {"seconds": 0.0, "flops": 0} for kind in (FORWARD, INPUT_GRADIENT, KERNEL_GRADIENT)}
+    for layer, forward_flops, passes in training_passes(make_model(work, ModelRecipe(settings, policy))):
+        if not isinstance(layer, keras.layers.Conv2D):
+            continue  # the dense head: a few hundred kFLOPs
+        images = tf.cast(rng.normal([batch, *layer.input.shape[1:]]), dtype)
+        kernel = tf.cast(rng.normal(layer.kernel.shape), dtype)
+        upstream = tf.cast(rng.normal([batch, *layer.output.shape[1:]]), dtype)
+        for kind in passes:
+            compiled = convolution_pass(kind, images, kernel, upstream, [1, *layer.strides, 1], layer.padding.upper())
+            totals[kind]["seconds"] += time_best(lambda compiled=compiled: compiled().numpy(), repeats)
+            totals[kind]["flops"] += forward_flops * batch
+    settle()
+    step_seconds = batch / train_rows[-1]["compute_only_images_per_s"]
+    convolutions = sum(total["seconds"] for total in totals.values())
+    result = {
+        "batch_size": batch,
+        "dtype": dtype.name,
+        "step_seconds": round(step_seconds, 4),
+        "passes": {
+            kind: {
+                "seconds": round(total["seconds"], 4),
+                "gflops_per_s": round(total["flops"] / total["seconds"] / 1e9, 1),
+                "share_of_step": round(total["seconds"] / step_seconds, 3),
+            }
+            for kind, total in totals.items()
+        },
+        "convolutions_share_of_step": round(convolutions / step_seconds, 3),
+    }
+    log.info("airbench convolutions %s", result)
+    return result
+
+
 def run_benchmark(dataset: str, label: str | None, out_dir: Path, images_per_run: int, input_images: int, repeats: int) -> dict:
     """Every measurement, in the order of the module's list; written to ``out_dir`` (results.json, results.md)."""
     params = load_params(REPO_ROOT / "params.yaml")
@@ -479,6 +561,7 @@ def run_benchmark(dataset: str, label: str | None, out_dir: Path, images_per_run
         results["baseline_speedup"] = round(project_row["images_per_s"] / notebook_row["images_per_s"], 2)
         results["baseline_steps"] = baseline_breakdown(work, params, results["train"], images_per_run, repeats)
         results["airbench_steps"] = airbench_breakdown(work, params, results["train"], images_per_run, repeats)
+        results["airbench_convolutions"] = convolution_times(work, params, results["train"], repeats)
         results["noop_dvc_repro_seconds"] = noop_repro_seconds(dataset, label, scratch_dir / "repo")
         log.info("no-op dvc repro: %.2f s", results["noop_dvc_repro_seconds"])
     finally:
@@ -572,8 +655,28 @@ def to_markdown(results: dict) -> str:
         "Where airbench's rate comes from in TensorFlow, one change at a time from Keras' stock layers (compute only):",
         "",
         *_steps_table(results["airbench_steps"], "airbench", "over Keras' layers"),
+        "",
+        *_convolutions_table(results["airbench_convolutions"]),
     ]
     return "\n".join([*lines, ""])
+
+
+def _convolutions_table(convolutions: dict) -> list[str]:
+    """Where airbench's step goes: its convolutions' passes, each timed alone, and the rest of the step."""
+    step_ms = convolutions["step_seconds"] * 1e3
+    rows = [
+        f"Where airbench's compute-only training step goes (batch {convolutions['batch_size']}, {convolutions['dtype']}, "
+        f"{step_ms:,.0f} ms): its convolutions' passes, each timed alone with TensorFlow's own ops:",
+        "",
+        "| part of the step | ms per batch | GFLOP/s | share of the step |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for kind, timed in convolutions["passes"].items():
+        milliseconds, rate, share = timed["seconds"] * 1e3, timed["gflops_per_s"], timed["share_of_step"]
+        rows.append(f"| convolutions, {kind} | {milliseconds:,.0f} | {rate:,.1f} | {share:.1%} |")
+    rest = 1.0 - convolutions["convolutions_share_of_step"]
+    rows.append(f"| the rest: BatchNorm, GELU, pooling, loss, optimizer, lookahead | {rest * step_ms:,.0f} | | {rest:.1%} |")
+    return rows
 
 
 def _steps_table(steps: list[dict], network: str, against: str) -> list[str]:
