@@ -279,6 +279,17 @@ def make_model(work: Workload, recipe: ModelRecipe):
     return model
 
 
+def time_best(function, repeats: int) -> float:
+    """The best of ``repeats`` timed calls of ``function`` (after one untimed call that traces and warms it)."""
+    function()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def matmul_flops_per_s(dtype: str, size: int = 4096, repeats: int = 5) -> float:
     """The best FLOP/s of ``size`` x ``size`` matrix products in ``dtype``: the dense rate that bounds
     what a training step of convolutions (matrix products underneath) can reach on this machine."""
@@ -286,14 +297,8 @@ def matmul_flops_per_s(dtype: str, size: int = 4096, repeats: int = 5) -> float:
 
     rng = np.random.default_rng(0)
     a, b = (tf.constant(rng.normal(size=(size, size)), dtype) for _ in range(2))
-    product = tf.function(lambda x, y: tf.reduce_sum(tf.cast(tf.matmul(x, y)[:1, :1], tf.float32)))
-    product(a, b).numpy()  # trace, warm the kernels
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        product(a, b).numpy()
-        best = min(best, time.perf_counter() - started)
-    return 2.0 * size**3 / best
+    product = tf.function(lambda: tf.reduce_sum(tf.cast(tf.matmul(a, b)[:1, :1], tf.float32)))
+    return 2.0 * size**3 / time_best(lambda: product().numpy(), repeats)
 
 
 def measure_ceiling(policies: list[str], repeats: int) -> dict:
@@ -456,37 +461,27 @@ def airbench_breakdown(work: Workload, params: Params, train_rows: list[dict], i
     return [*rows, {**train_rows[-1], "name": "+ fused GELU (the project's airbench)"}]
 
 
-def time_best(function, repeats: int) -> float:
-    """The best of ``repeats`` timed calls of ``function`` (after one untimed call that traces and warms it)."""
-    function()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - started)
-    return best
-
-
 def convolution_pass(kind: str, images, kernel, upstream, strides: list[int], padding: str):
     """One pass of a convolution as a traced TensorFlow function: ``forward`` (images * kernel),
-    ``input gradient`` or ``kernel gradient`` (from ``upstream``, the gradient of its output)."""
+    ``input gradient`` or ``kernel gradient`` (from ``upstream``, the gradient of its output). It
+    returns one value of the result, so that timing it times the convolution, not a copy of its
+    output to NumPy."""
     import tensorflow as tf
 
     from cifar100_dvc.network import FORWARD, INPUT_GRADIENT
 
-    if kind == FORWARD:
-        return tf.function(lambda: tf.nn.conv2d(images, kernel, strides, padding))
-    if kind == INPUT_GRADIENT:
-        return tf.function(
-            lambda: tf.raw_ops.Conv2DBackpropInput(
+    def compute():
+        if kind == FORWARD:
+            return tf.nn.conv2d(images, kernel, strides, padding)
+        if kind == INPUT_GRADIENT:
+            return tf.raw_ops.Conv2DBackpropInput(
                 input_sizes=tf.shape(images), filter=kernel, out_backprop=upstream, strides=strides, padding=padding
             )
-        )
-    return tf.function(
-        lambda: tf.raw_ops.Conv2DBackpropFilter(
+        return tf.raw_ops.Conv2DBackpropFilter(
             input=images, filter_sizes=tf.shape(kernel), out_backprop=upstream, strides=strides, padding=padding
         )
-    )
+
+    return tf.function(lambda: tf.reshape(compute(), [-1])[0])
 
 
 def convolution_times(work: Workload, params: Params, train_rows: list[dict], repeats: int) -> dict:
