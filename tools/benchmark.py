@@ -279,6 +279,11 @@ def make_model(work: Workload, recipe: ModelRecipe):
     return model
 
 
+def compute_dtype(policy: str) -> str:
+    """The precision a Keras mixed-precision ``policy`` computes in: ``bfloat16`` or ``float32``."""
+    return "bfloat16" if policy == "mixed_bfloat16" else "float32"
+
+
 def time_best(function, repeats: int) -> float:
     """The best of ``repeats`` timed calls of ``function`` (after one untimed call that traces and warms it)."""
     function()
@@ -303,7 +308,7 @@ def matmul_flops_per_s(dtype: str, size: int = 4096, repeats: int = 5) -> float:
 
 def measure_ceiling(policies: list[str], repeats: int) -> dict:
     """The dense matrix-multiply rate (GFLOP/s) at each compute precision of ``policies``."""
-    dtypes = sorted({"bfloat16" if policy == "mixed_bfloat16" else "float32" for policy in policies})
+    dtypes = sorted({compute_dtype(policy) for policy in policies})
     ceiling = {dtype: round(matmul_flops_per_s(dtype, repeats=max(3, repeats)) / 1e9, 1) for dtype in dtypes}
     log.info("matmul GFLOP/s %s", ceiling)
     return ceiling
@@ -398,7 +403,7 @@ def flops_columns(work: Workload, model_recipe: ModelRecipe, row: dict, ceiling:
 
     flops = training_flops_per_image(make_model(work, model_recipe))
     settle()
-    peak = ceiling["bfloat16" if model_recipe.policy == "mixed_bfloat16" else "float32"]
+    peak = ceiling[compute_dtype(model_recipe.policy)]
     end_to_end, compute_only = flops * row["images_per_s"] / 1e9, flops * row["compute_only_images_per_s"] / 1e9
     return {
         "training_flops_per_image": flops,
@@ -497,7 +502,7 @@ def convolution_times(work: Workload, params: Params, train_rows: list[dict], re
 
     settings = project_recipes(params, work.num_train)["airbench"]
     policy = work.device.mixed_precision_policy
-    dtype = tf.bfloat16 if policy == "mixed_bfloat16" else tf.float32
+    dtype = tf.as_dtype(compute_dtype(policy))
     batch = settings.batch_size
     rng = tf.random.Generator.from_seed(0)
     totals = {kind: {"seconds": 0.0, "flops": 0} for kind in (FORWARD, INPUT_GRADIENT, KERNEL_GRADIENT)}
