@@ -125,6 +125,23 @@ def test_experiments_run_queue_and_show_over_seeds(repo):
     dvc(repo, "queue", "stop", check=False)
 
 
+def test_a_repeated_recipe_comes_from_the_run_cache_unless_forced(repo):
+    # Re-timing a recipe on another host: the same params and code are restored from DVC's run
+    # cache in seconds, the old training time included, unless `queue --force` runs them again.
+    seed = str(yaml.safe_load((repo / "params.yaml").read_text())["train"]["seed"])
+    trained_seconds = json.loads((repo / "dvclive" / "metrics.json").read_text())["train_seconds"]
+    seeds(repo, "queue", "again", "--seeds", seed, "--wait")
+    seeds(repo, "queue", "forced", "--seeds", seed, "--force", "--wait")
+    again = dvc(repo, "queue", "logs", f"again-s{seed}")
+    forced = dvc(repo, "queue", "logs", f"forced-s{seed}")
+    assert stages_run(again) == set()  # skipped as unchanged or restored as cached: no stage ran
+    assert stages_run(forced) == ALL_STAGES
+    summary = json.loads(seeds(repo, "show", "again", "forced", "--json").stdout)
+    assert summary["again"]["train seconds"]["mean"] == trained_seconds  # the old run's, restored
+    assert summary["forced"]["test accuracy"]["mean"] == metrics(repo)["accuracy"]  # same seed, same result
+    dvc(repo, "queue", "stop", check=False)
+
+
 def test_push_remove_pull_restores_everything(repo, tmp_path):
     dvc(repo, "remote", "add", "-d", "storage", str(tmp_path / "remote"))
     dvc(repo, "push")

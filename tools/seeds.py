@@ -1,12 +1,15 @@
 """One recipe over several seeds: queue the runs as DVC experiments, then report mean and spread.
 
-    python -m tools.seeds queue NAME --seeds 0 1 2 [--recipe RECIPE] [-S key=value ...] [--start] [--wait]
+    python -m tools.seeds queue NAME --seeds 0 1 2 [--recipe RECIPE] [-S key=value ...] [--force] [--start] [--wait]
     python -m tools.seeds show [NAME ...] [--test] [--json]
 
 ``queue`` adds one DVC experiment per seed, named ``NAME-s<seed>``, with ``-S train.seed=<seed>``,
 the overrides of a named recipe (``--recipe``, cifar100_dvc/recipes.py) and the given overrides,
 later ones winning (``dvc exp run --queue``; a relative ``fetch.dataset`` directory is made
-absolute, since queued runs start in a temporary copy of the repository); ``--start`` starts one
+absolute, since queued runs start in a temporary copy of the repository); ``--force`` runs every
+stage again even where DVC's run cache holds a run with the same params and code (without it, a
+repeat restores the old outputs in seconds, old ``train_seconds`` included: re-time a recipe on
+another host with it); ``--start`` starts one
 queue worker (one run at a time, so each run's training time is its own), ``--wait`` blocks until they are done and
 exits 1 if one failed. ``show`` groups the finished experiments that ``dvc exp show --all-commits``
 lists (on any commit: compare recipes only across code you trust to be equivalent) by ``NAME``
@@ -166,13 +169,14 @@ def anchored(overrides: list[str], root: Path) -> list[str]:
     return result
 
 
-def queue(root: Path, recipe: str, seeds: list[int], overrides: list[str]) -> list[str]:
-    """Queue one experiment per seed (a relative dataset directory made absolute, see ``anchored``); return their names."""
+def queue(root: Path, recipe: str, seeds: list[int], overrides: list[str], force: bool = False) -> list[str]:
+    """Queue one experiment per seed (a relative dataset directory made absolute, see ``anchored``);
+    ``force`` runs every stage even where the run cache could restore it. Return their names."""
     names = []
     settings = [arg for override in anchored(overrides, root) for arg in ("-S", override)]
     for seed in seeds:
         name = f"{recipe}-s{seed}"
-        dvc(root, "exp", "run", "--queue", "-n", name, *settings, "-S", f"train.seed={seed}")
+        dvc(root, "exp", "run", "--queue", *(["--force"] if force else []), "-n", name, *settings, "-S", f"train.seed={seed}")
         names.append(name)
     return names
 
@@ -212,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     queued.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed values (default: 0 1 2)")
     queued.add_argument("--recipe", choices=sorted(RECIPES), help="start from this named recipe's overrides (docs/parameters.md)")
     queued.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    queued.add_argument("--force", action="store_true", help="run every stage even if the run cache has it (to re-time a recipe)")
     queued.add_argument("--start", action="store_true", help="start one queue worker (runs one at a time)")
     queued.add_argument("--wait", action="store_true", help="wait until they are done (implies --start)")
     shown = commands.add_parser("show", help="mean ± std per recipe over its seeds")
@@ -224,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             if SEED_SUFFIX.match(args.name):
                 parser.error(f"NAME {args.name!r} already ends in -s<seed>; the seed suffix is added per run")
             overrides = set_options(RECIPES[args.recipe][1])[1::2] if args.recipe else []
-            names = queue(args.root, args.name, args.seeds, overrides + args.overrides)  # later -S win
+            names = queue(args.root, args.name, args.seeds, overrides + args.overrides, args.force)  # later -S win
             print(f"queued {', '.join(names)}")
             if args.start or args.wait:
                 dvc(args.root, "queue", "start", "-j", "1")
