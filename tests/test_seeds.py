@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from tools.seeds import anchored, format_table, runs_of, summarize
+from tools.seeds import anchored, format_table, queue_progress, runs_of, summarize
 
 
 def experiment(name: str, accuracy: float | None, val_accuracy: float = 0.8, seconds: float = 100.0) -> dict:
@@ -85,3 +85,21 @@ def test_a_relative_dataset_directory_is_made_absolute_for_the_queue_and_hub_ids
         "fetch.dataset=uoft-cs/cifar10",
         "fetch.dataset=/abs/copy",
     ]
+
+
+STATUS = """\
+Task     Name      Created    Status
+97de1d6  ab-s2     01:03 AM   {rerun}
+7d4ad52  ab-s2     12:09 AM   Failed
+31ff469  ab-s1     12:05 AM   Success
+e0e0e0e  other-s0  12:01 AM   Running
+
+Worker status: 1 active, 0 idle
+"""
+
+
+def test_a_name_queued_again_after_a_failure_is_waited_for_and_judged_by_its_rerun():
+    assert queue_progress(STATUS.format(rerun="Running"), ["ab-s1", "ab-s2"]) == (True, [])  # the re-run counts
+    assert queue_progress(STATUS.format(rerun="Success"), ["ab-s1", "ab-s2"]) == (False, [])  # the old failure does not
+    assert queue_progress(STATUS.format(rerun="Failed"), ["ab-s1", "ab-s2"]) == (False, ["ab-s2"])
+    assert queue_progress(STATUS.format(rerun="Success"), ["ab-s1"]) == (False, [])  # others' runs are not waited for

@@ -181,16 +181,26 @@ def queue(root: Path, recipe: str, seeds: list[int], overrides: list[str], force
     return names
 
 
+def queue_progress(status: str, names: list[str]) -> tuple[bool, list[str]]:
+    """From ``dvc queue status``'s text: whether any of ``names`` is still queued or running, and those that failed.
+
+    A name queued again after a failure has two entries: it is active while either is, and failed only when
+    none of its entries succeeded or is still going, so an old failure does not end the wait for its re-run or fail it."""
+    states: dict[str, set[str]] = {}
+    for line in status.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[1] in names:
+            states.setdefault(fields[1], set()).add(fields[-1])
+    active = any(seen & set(ACTIVE) for seen in states.values())
+    failed = sorted(name for name, seen in states.items() if "Failed" in seen and not seen & {"Success", *ACTIVE})
+    return active, failed
+
+
 def wait(root: Path, names: list[str], poll_seconds: float = 10.0) -> None:
     """Block until none of ``names`` is queued or running; raise SeedsError naming any that failed."""
     while True:
-        states = {}
-        for line in dvc(root, "queue", "status").splitlines():
-            fields = line.split()
-            if len(fields) >= 2 and fields[1] in names:
-                states[fields[1]] = fields[-1]
-        if not any(state in ACTIVE for state in states.values()):
-            failed = sorted(name for name, state in states.items() if state == "Failed")
+        active, failed = queue_progress(dvc(root, "queue", "status"), names)
+        if not active:
             if failed:
                 raise SeedsError(f"experiments failed: {', '.join(failed)} (dvc queue logs NAME says why)")
             return
