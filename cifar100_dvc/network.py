@@ -425,7 +425,7 @@ def build_airbench(
     A frozen 2x2 patch-whitening convolution (no padding, 2 * 4C channels, its kernel from
     ``patch_whitening_kernel``; None: zeros, for weights loaded afterwards) plus a learned
     per-channel bias, then GELU; three blocks (``_airbench_block``); a max over what is left
-    of the image (airbench's MaxPool2d(3) at 32x32); a bias-free linear layer and the logits
+    of the image (airbench's MaxPool2d(3) at 32x32); a bias-free linear layer (``head_initializer``) and the logits
     times ``config.output_scale``. BatchNorm has no learned scale unless ``config.batchnorm_scale``.
     ``batch_norm=keras.layers.BatchNormalization`` and ``activation=keras_gelu`` give the same network
     with Keras' stock layers (slower training steps), which the benchmark times.
@@ -452,11 +452,19 @@ def build_airbench(
         x = _airbench_block(x, filters, f"block{block}", batchnorm, batch_norm, activation)
     x = layers.GlobalMaxPooling2D(name="global_pool")(x)
     # float32 logits even under a mixed-precision policy: softmax/loss need the range.
-    x = layers.Dense(
-        spec.num_classes, use_bias=False, kernel_initializer=base_initializer("torch_uniform"), dtype="float32", name="logits"
-    )(x)
+    head = head_initializer(config.head_init_std)
+    x = layers.Dense(spec.num_classes, use_bias=False, kernel_initializer=head, dtype="float32", name="logits")(x)
     x = layers.Rescaling(config.output_scale, dtype="float32", name="logit_scale")(x)
     return keras.Model(images_uint8, ClassNames(spec.class_names, dtype="float32", name="class_names")(x), name="airbench")
+
+
+def head_initializer(std: float | None) -> keras.initializers.Initializer:
+    """airbench's linear head: PyTorch's default (None), or uniform with standard deviation ``std``
+    (airbench94_muon divides PyTorch's default by its standard deviation: std 1)."""
+    if std is None:
+        return base_initializer("torch_uniform")
+    half_width = std * math.sqrt(3.0)  # a uniform on [-a, a] has standard deviation a / sqrt(3)
+    return keras.initializers.RandomUniform(-half_width, half_width)
 
 
 def build_network(params: TrainParams, spec: InputSpec, whitening_kernel: np.ndarray | None = None) -> keras.Model:

@@ -57,6 +57,34 @@ class PrepareParams:
 
 
 @dataclass(frozen=True)
+class MuonParams:
+    """airbench94_muon's optimizer (KellerJordan/cifar10-airbench), used when ``train.airbench.optimizer``
+    is muon: Muon on the convolution kernels, Nesterov SGD with ``train.airbench.momentum`` on the rest.
+    Rates are per example on the summed loss, as published (SGD steps by rate x batch on the mean loss)."""
+
+    learning_rate: float = _param(
+        0.24,
+        "step of the convolution kernels: their update is orthogonalized (its size does not depend on the gradient's "
+        "or the batch's) and they are rescaled to norm sqrt(filters) before each step",
+        gt=0.0,
+    )
+    momentum: float = _param(0.6, "Nesterov momentum of the convolution kernels", ge=0.0, lt=1.0)
+    newton_schulz_steps: int = _param(
+        3, "Newton-Schulz iterations that orthogonalize each kernel's update (bfloat16, as published)", ge=1
+    )
+    head_learning_rate: float = _param(0.67, "SGD rate of the linear head, per example on the summed loss", gt=0.0)
+    bias_learning_rate: float = _param(
+        0.053,
+        "SGD rate of the BatchNorm biases and the whitening bias (the latter falling linearly to 0 over "
+        "train.airbench.whiten_bias_epochs), per example on the summed loss",
+        gt=0.0,
+    )
+    weight_decay: float = _param(
+        2e-6, "per example and step, decoupled from the rate, on the head and biases (kernels are rescaled instead)", ge=0.0
+    )
+
+
+@dataclass(frozen=True)
 class AirbenchParams:
     """airbench93's network and optimizer (KellerJordan/cifar10-airbench), used when ``train.arch`` is
     airbench; every default is the published recipe's. Shared with the other networks: ``train.epochs``,
@@ -111,6 +139,18 @@ class AirbenchParams:
         "both); random: each image flipped with probability 1/2 every time",
     )
     translate: int = _param(2, "pixels of random translation, the uncovered edge reflected; 0: none", ge=0)
+    head_init_std: float | None = _param(
+        None,
+        "the linear head's initial weights drawn uniformly with this standard deviation (airbench94_muon: 1, with "
+        "output_scale 1 / the last width); null: PyTorch's default (within +-1/sqrt(fan_in))",
+        gt=0.0,
+    )
+    optimizer: Literal["sgd", "muon"] = _param(
+        "sgd",
+        "sgd: airbench93/94's Nesterov SGD (learning_rate, weight_decay, bias_lr_scale); muon: airbench94_muon's "
+        "(train.airbench.muon); both follow the schedule_* triangle and lookahead's keys",
+    )
+    muon: MuonParams = field(default_factory=MuonParams)
 
 
 @dataclass(frozen=True)

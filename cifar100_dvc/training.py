@@ -89,6 +89,11 @@ def is_batch_norm_bias(variable) -> bool:
     return getattr(variable, "path", variable.name).split("/")[-1].split(":")[0] == "beta"
 
 
+def is_whitening_bias(variable) -> bool:
+    """Whether ``variable`` is the whitening stem's learned bias (airbench trains it for the first epochs only)."""
+    return WHITENING_BIAS_LAYER in getattr(variable, "path", variable.name)
+
+
 @keras.saving.register_keras_serializable(package="cifar100_dvc")
 class BiasScaledSGD(keras.optimizers.SGD):
     """SGD whose BatchNorm biases step ``bias_lr_scale`` times further than the other weights (airbench: 64).
@@ -235,10 +240,14 @@ class AirbenchSGD(keras.optimizers.Optimizer):
         dtype = variable.dtype
         scale = self.bias_lr_scale if is_batch_norm_bias(variable) else 1.0
         rate = keras.ops.cast(learning_rate, dtype) * scale
-        if WHITENING_BIAS_LAYER in getattr(variable, "path", variable.name):
+        if is_whitening_bias(variable):
             still_training = self._progress(self.iterations) < self.whiten_bias_until
             rate = rate * keras.ops.cast(still_training, dtype)  # frozen: never moves again (the progress only grows)
-        direction = keras.ops.cast(gradient, dtype) + (self.l2 / scale) * variable
+        self._sgd_step(gradient, variable, rate, scale)
+
+    def _sgd_step(self, gradient, variable, rate, scale: float) -> None:
+        """PyTorch's Nesterov SGD step at ``rate``, its L2 divided by the variable's rate ``scale``."""
+        direction = keras.ops.cast(gradient, variable.dtype) + (self.l2 / scale) * variable
         buffer = self.momentums[self._get_variable_index(variable)]
         self.assign(buffer, self.momentum * buffer + direction)
         self.assign_sub(variable, rate * (direction + self.momentum * buffer))
@@ -290,6 +299,109 @@ class AirbenchSGD(keras.optimizers.Optimizer):
         }
 
 
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # airbench94_muon's quintic: the steepest slope at zero
+
+
+def newton_schulz_orthogonalize(matrix, steps: int, dtype: str = "bfloat16"):
+    """``matrix`` [rows, cols] with its singular values pushed toward 1: airbench94_muon's
+    ``zeropower_via_newtonschulz5`` (U S' V^T of its SVD U S V^T, S' roughly 0.5-1.5 rather than
+    exactly 1, which trains as well), computed in ``dtype`` as published and returned in float32.
+
+    The matrix is first divided by its Frobenius norm (so every singular value is at most 1), then
+    ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``, on its wide orientation (fewer rows than columns).
+    """
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    x = keras.ops.cast(matrix, dtype)
+    norm = keras.ops.sqrt(keras.ops.sum(keras.ops.square(keras.ops.cast(x, "float32"))))
+    x = x / keras.ops.cast(norm + 1e-7, dtype)
+    tall = matrix.shape[0] > matrix.shape[1]
+    if tall:
+        x = keras.ops.transpose(x)
+    for _ in range(steps):
+        gram = keras.ops.matmul(x, keras.ops.transpose(x))
+        x = a * x + keras.ops.matmul(b * gram + c * keras.ops.matmul(gram, gram), x)
+    if tall:
+        x = keras.ops.transpose(x)
+    return keras.ops.cast(x, "float32")
+
+
+def is_convolution_kernel(variable) -> bool:
+    """Whether ``variable`` is a trainable convolution kernel [kh, kw, in, out], the weights Muon steps."""
+    return len(variable.shape) == 4
+
+
+@keras.saving.register_keras_serializable(package="cifar100_dvc")
+class AirbenchMuon(AirbenchSGD):
+    """airbench94_muon's optimizer step, in Keras: Muon on the convolution kernels, and on every other
+    weight AirbenchSGD's Nesterov SGD (the head at the schedule's rate, the BatchNorm and whitening
+    biases at ``bias_lr_scale`` times it, with its L2), lookahead as there.
+
+    Muon, per kernel p [kh, kw, in, out] with gradient g (airbench94_muon's ``Muon.step``):
+    ``buf = muon_momentum * buf + g; u = g + muon_momentum * buf`` (Nesterov); p is rescaled to
+    Frobenius norm sqrt(out); then ``p -= muon_learning_rate * m * O(u)``, m the schedule's multiplier
+    (its rate over its peak) and O the Newton-Schulz orthogonalization of u as an [out, kh kw in]
+    matrix (``newton_schulz_orthogonalize``, in ``newton_schulz_dtype``). The rescaling takes the place of weight decay on the
+    kernels; O's result has the same size whatever the gradient's scale, so the rate needs no batch factor.
+
+    The whitening bias does not follow the schedule here: its rate falls linearly from the biases' to 0
+    over ``whiten_bias_until`` of the run, then it stays frozen.
+
+    Keras' own ``keras.optimizers.Muon`` is a different recipe: it steps only 2-D weights with Muon
+    (convolution kernels go to its AdamW), scales updates after Moonlight, and neither rescales
+    weights nor has the SGD groups airbench's recipe pairs it with.
+    """
+
+    def __init__(
+        self,
+        learning_rate,
+        muon_learning_rate: float = 0.24,
+        muon_momentum: float = 0.6,
+        newton_schulz_steps: int = 3,
+        newton_schulz_dtype: str = "bfloat16",
+        name: str = "airbench_muon",
+        **kwargs,
+    ):
+        super().__init__(learning_rate, name=name, **kwargs)
+        self.muon_learning_rate, self.muon_momentum = muon_learning_rate, muon_momentum
+        self.newton_schulz_steps, self.newton_schulz_dtype = newton_schulz_steps, newton_schulz_dtype
+
+    def update_step(self, gradient, variable, learning_rate):
+        dtype = variable.dtype
+        if is_convolution_kernel(variable):
+            multiplier = keras.ops.cast(learning_rate, dtype) / self._learning_rate.peak
+            self._muon_step(gradient, variable, self.muon_learning_rate * multiplier)
+        elif is_whitening_bias(variable):
+            share_left = keras.ops.relu(1.0 - self._progress(self.iterations) / max(self.whiten_bias_until, 1e-12))
+            rate = self._learning_rate.peak * self.bias_lr_scale * keras.ops.cast(share_left, dtype)
+            self._sgd_step(gradient, variable, rate, self.bias_lr_scale)
+        else:
+            super().update_step(gradient, variable, learning_rate)
+
+    def _muon_step(self, gradient, variable, rate) -> None:
+        gradient = keras.ops.cast(gradient, variable.dtype)
+        buffer = self.momentums[self._get_variable_index(variable)]
+        self.assign(buffer, self.muon_momentum * buffer + gradient)
+        update = gradient + self.muon_momentum * buffer
+        filters = variable.shape[-1]
+        # [kh, kw, in, out] -> [out, kh kw in]: PyTorch's [out, in, kh, kw] flattened, up to a column order
+        # that the orthogonalization carries back unchanged.
+        matrix = keras.ops.transpose(keras.ops.reshape(update, (-1, filters)))
+        orthogonal = newton_schulz_orthogonalize(matrix, self.newton_schulz_steps, self.newton_schulz_dtype)
+        update = keras.ops.reshape(keras.ops.transpose(orthogonal), variable.shape)
+        norm = keras.ops.sqrt(keras.ops.sum(keras.ops.square(variable)))
+        self.assign(variable, variable * (math.sqrt(filters) / norm))
+        self.assign_sub(variable, rate * update)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "muon_learning_rate": self.muon_learning_rate,
+            "muon_momentum": self.muon_momentum,
+            "newton_schulz_steps": self.newton_schulz_steps,
+            "newton_schulz_dtype": self.newton_schulz_dtype,
+        }
+
+
 def _move_toward(slow, weights, mix):
     """slow += mix * (weights - slow), as torch's lerp_: exact when the two are equal."""
     return slow.assign_add(tf.cast(mix, slow.dtype) * (weights - slow))
@@ -299,27 +411,44 @@ def _raise_flag(flag, condition):
     return flag.assign(tf.maximum(flag, tf.cast(condition, flag.dtype)))
 
 
+def muon_rates(config: AirbenchParams, batch_size: int) -> tuple[float, float, float]:
+    """(the head's SGD rate on the mean loss, the biases' scale of it, L2 coefficient) of airbench94_muon's
+    per-example rates on the summed loss: PyTorch's SGD with ``weight_decay = wd / lr``, wd = decay x batch."""
+    muon = config.muon
+    head_rate = muon.head_learning_rate * batch_size
+    return head_rate, muon.bias_learning_rate / muon.head_learning_rate, muon.weight_decay / muon.head_learning_rate
+
+
 def make_airbench_optimizer(params: TrainParams, steps_per_epoch: int, budget_spent=None) -> AirbenchSGD:
-    """airbench's optimizer (AirbenchSGD) and triangle schedule for ``params.airbench``; the whitening
-    bias's and lookahead's epochs become shares of the run, so a time budget compresses them too."""
+    """airbench's optimizer (AirbenchSGD, or AirbenchMuon with ``optimizer: muon``) and triangle schedule
+    for ``params.airbench``; the whitening bias's and lookahead's epochs become shares of the run, so a
+    time budget compresses them too."""
     config = params.airbench
-    learning_rate, l2 = airbench_rates(config, params.batch_size)
+    if config.optimizer == "muon":
+        learning_rate, bias_lr_scale, l2 = muon_rates(config, params.batch_size)
+    else:
+        (learning_rate, l2), bias_lr_scale = airbench_rates(config, params.batch_size), config.bias_lr_scale
     total_steps = params.epochs * steps_per_epoch
     schedule = TriangleSchedule(
         learning_rate, total_steps, config.schedule_start, config.schedule_peak, config.schedule_end, budget_spent
     )
-    return AirbenchSGD(
-        schedule,
-        momentum=config.momentum,
-        l2=l2,
-        bias_lr_scale=config.bias_lr_scale,
-        whiten_bias_until=config.whiten_bias_epochs / params.epochs,
-        lookahead=config.lookahead,
-        lookahead_every=config.lookahead_every,
-        lookahead_decay=config.lookahead_decay,
-        lookahead_from=config.lookahead_start_epoch / params.epochs,
-        steps_per_epoch=steps_per_epoch,
-    )
+    shared = {
+        "momentum": config.momentum,
+        "l2": l2,
+        "bias_lr_scale": bias_lr_scale,
+        "whiten_bias_until": config.whiten_bias_epochs / params.epochs,
+        "lookahead": config.lookahead,
+        "lookahead_every": config.lookahead_every,
+        "lookahead_decay": config.lookahead_decay,
+        "lookahead_from": config.lookahead_start_epoch / params.epochs,
+        "steps_per_epoch": steps_per_epoch,
+    }
+    if config.optimizer == "muon":
+        muon = config.muon
+        return AirbenchMuon(
+            schedule, muon.learning_rate, muon.momentum, muon.newton_schulz_steps, **shared
+        )  # fmt: skip
+    return AirbenchSGD(schedule, **shared)
 
 
 def make_optimizer(params: TrainParams, steps_per_epoch: int, budget_spent=None) -> keras.optimizers.Optimizer:

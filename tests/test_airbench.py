@@ -97,6 +97,13 @@ def test_airbench_widths_and_output_scale_are_parameters_and_the_model_reloads(t
     np.testing.assert_allclose(loaded.predict(images_uint8, verbose=0), model.predict(images_uint8, verbose=0), atol=1e-6)
 
 
+def test_airbench_head_starts_at_pytorch_default_or_at_the_given_std():
+    default = airbench_model(10).get_layer("logits").kernel.numpy()
+    assert 0 < np.abs(default).max() <= 1 / math.sqrt(128)  # PyTorch's Linear: within +-1/sqrt(fan_in)
+    unit = airbench_model(10, widths=(16, 32, 256), head_init_std=1.0).get_layer("logits").kernel.numpy()
+    assert unit.std() == pytest.approx(1.0, rel=0.05)  # airbench94_muon: divided by its std; 2,560 draws
+
+
 def test_initial_loss_is_near_ln_classes():
     model = airbench_model(100)
     images_uint8 = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
@@ -237,6 +244,97 @@ def test_whitening_bias_trains_for_its_epochs_then_stays_frozen():
     assert moves == [True] * 3 + [False] * 9  # the first epoch's 3 steps, then never again
 
 
+# ---------------------------------------------------------------- airbench94_muon
+
+
+def newton_schulz_reference(matrix: np.ndarray, steps: int = 3) -> np.ndarray:
+    """``zeropower_via_newtonschulz5`` of airbench94_muon.py in float64 NumPy (published: in bfloat16)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = matrix / (np.linalg.norm(matrix) + 1e-7)
+    tall = matrix.shape[0] > matrix.shape[1]
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+@pytest.mark.parametrize("shape", [(8, 27), (27, 8)], ids=["wide", "tall"])
+def test_newton_schulz_is_airbench_iteration_and_pushes_singular_values_toward_one(shape):
+    matrix = np.random.default_rng(0).normal(size=shape)
+    exact = training.newton_schulz_orthogonalize(tf.constant(matrix, tf.float32), 3, "float32").numpy()
+    np.testing.assert_allclose(exact, newton_schulz_reference(matrix), rtol=1e-4, atol=1e-5)
+    published = training.newton_schulz_orthogonalize(tf.constant(matrix, tf.float32), 3).numpy()  # bfloat16
+    assert published.dtype == np.float32
+    np.testing.assert_allclose(published, exact, atol=0.05)
+    before = np.linalg.svd(matrix / np.linalg.norm(matrix), compute_uv=False)
+    after = np.linalg.svd(exact, compute_uv=False)
+    # A spread of 2.5x becomes airbench's "S' ~ Uniform(0.5, 1.5)", not exactly 1 (which trains as well).
+    assert before.max() / before.min() > 2.5 and after.min() > 0.5 and after.max() < 1.5, (before, after)
+
+
+def muon_params(**overrides) -> TrainParams:
+    """airbench with the muon recipe's optimizer keys (a linear decay from the first step, no lookahead)."""
+    airbench = AirbenchParams(optimizer="muon", lookahead=False, schedule_start=1.0, schedule_peak=0.0, schedule_end=0.0)
+    return TrainParams(arch="airbench", **{"batch_size": 100, "epochs": 2, "airbench": airbench, **overrides})
+
+
+def test_muon_steps_kernels_as_airbench94_muon():
+    # Keras' kernel [kh, kw, in, out] against the reference on PyTorch's [out, in, kh, kw]: the flattening
+    # orders the columns differently, which the orthogonalization must carry through unchanged.
+    rng = np.random.default_rng(0)
+    steps_per_epoch, steps = 5, 7
+    kernel = rng.normal(size=(3, 3, 4, 6)).astype(np.float32)
+    gradients = [rng.normal(size=kernel.shape).astype(np.float32) for _ in range(steps)]
+    optimizer = training.make_airbench_optimizer(muon_params(), steps_per_epoch)
+    assert isinstance(optimizer, training.AirbenchMuon)
+    optimizer.newton_schulz_dtype = "float32"  # exact, for the comparison; bfloat16 as published otherwise
+    variable = keras.Variable(kernel, name="kernel")
+    for gradient in gradients:
+        optimizer.apply([tf.constant(gradient)], [variable])
+    to_torch = (3, 2, 0, 1)
+    p, buffer = kernel.transpose(to_torch).astype(np.float64), 0.0
+    config = AirbenchParams().muon
+    for step, gradient in enumerate(gradients):
+        g = gradient.transpose(to_torch)
+        buffer = config.momentum * buffer + g
+        update = g + config.momentum * buffer
+        p = p * (len(p) ** 0.5 / np.linalg.norm(p))
+        multiplier = 1 - step / (2 * steps_per_epoch)  # airbench94_muon: lr x (1 - step / total_steps)
+        p = p - config.learning_rate * multiplier * newton_schulz_reference(update.reshape(len(update), -1)).reshape(p.shape)
+    np.testing.assert_allclose(variable.numpy(), p.transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-5)
+    assert np.linalg.norm(variable.numpy()) == pytest.approx(6**0.5, rel=0.2)  # rescaled, then one step
+
+
+@pytest.mark.parametrize("kind", ["head", "batchnorm-bias", "whitening-bias"])
+def test_muon_recipe_steps_head_and_biases_with_published_sgd(kind):
+    # airbench94_muon: SGD(nesterov, momentum 0.85) on the summed loss; head lr 0.67, biases 0.053, each
+    # with weight_decay = 2e-6 x batch / lr; the whitening bias's lr falls linearly to 0 over its 3 epochs.
+    rng = np.random.default_rng(1)
+    batch_size, steps_per_epoch, epochs = 100, 2, 4
+    start = rng.normal(size=(3, 4) if kind == "head" else (4,)).astype(np.float32)
+    gradients = [rng.normal(size=start.shape).astype(np.float32) for _ in range(steps_per_epoch * epochs)]
+    optimizer = training.make_airbench_optimizer(muon_params(batch_size=batch_size, epochs=epochs), steps_per_epoch)
+    name = {"head": "kernel", "batchnorm-bias": "beta", "whitening-bias": WHITENING_BIAS_LAYER}[kind]
+    variable = keras.Variable(start, name=name)
+    for gradient in gradients:
+        optimizer.apply([tf.constant(gradient)], [variable])
+    config = AirbenchParams()
+    lr = config.muon.head_learning_rate if kind == "head" else config.muon.bias_learning_rate
+    decay = config.muon.weight_decay * batch_size / lr
+    total, whiten_steps = steps_per_epoch * epochs, steps_per_epoch * config.whiten_bias_epochs
+    p, buffer = start.astype(np.float64), 0.0
+    for step, gradient in enumerate(gradients):
+        if kind == "whitening-bias" and step >= whiten_steps:
+            break  # detached from the graph: no gradient, no step
+        schedule = 1 - step / (whiten_steps if kind == "whitening-bias" else total)
+        d = batch_size * gradient + decay * p
+        buffer = config.momentum * buffer + d
+        p = p - lr * schedule * (d + config.momentum * buffer)
+    np.testing.assert_allclose(variable.numpy(), p, rtol=2e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- alternating flips
 
 
@@ -284,10 +382,21 @@ def prepared(project_with) -> ProjectPaths:
     return ProjectPaths(project_with("prepared_dir"))
 
 
+# The muon recipe's optimizer keys on the tiny network (logits / its last width, as published).
+TINY_MUON = dataclasses.replace(
+    TINY_AIRBENCH,
+    airbench=dataclasses.replace(
+        TINY_AIRBENCH.airbench, optimizer="muon", lookahead=False, schedule_start=1.0, schedule_peak=0.0, schedule_end=0.0,
+        head_init_std=1.0, output_scale=1 / 32,
+    ),
+)  # fmt: skip
+
+
 @pytest.mark.slow
-def test_airbench_trains_end_to_end_and_the_model_reloads(prepared):
-    summary = train.run(TINY_AIRBENCH, prepared)
-    assert summary["arch"] == "airbench" and summary["epochs_completed"] == TINY_AIRBENCH.epochs
+@pytest.mark.parametrize("recipe", [TINY_AIRBENCH, TINY_MUON], ids=["sgd", "muon"])
+def test_airbench_trains_end_to_end_and_the_model_reloads(prepared, recipe):
+    summary = train.run(recipe, prepared)
+    assert summary["arch"] == "airbench" and summary["epochs_completed"] == recipe.epochs
     assert summary["epochs"][-1]["val_accuracy"] > 0.3  # 20 classes: chance is 0.05
     model = load_model(prepared.model_file)
     kernel = model.get_layer("stem_whiten").kernel.numpy()
