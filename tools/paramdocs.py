@@ -39,6 +39,8 @@ SECTION_NOTES = {
     "train": "Keys shared by every network come first; `train.arch` chooses the network and its recipe.",
     "train.airbench": "airbench93's network and optimizer (KellerJordan/cifar10-airbench), used when `train.arch: "
     "airbench`; every default is the published recipe's.",
+    "train.airbench.muon": "airbench94_muon's optimizer (its `airbench94_muon.py`), used when `train.airbench.optimizer: "
+    "muon`; every default is that recipe's. The `muon` recipe below sets the rest of it.",
 }
 
 
