@@ -418,10 +418,11 @@ class InterruptAfter(train.EpochCheckpoint):
 
 
 @pytest.mark.slow
-def test_interrupted_airbench_run_resumes_to_the_same_model(project_with, monkeypatch):
-    # Interrupted after epoch 2, with lookahead running since epoch 1 and the whitening bias frozen
+@pytest.mark.parametrize("tiny", [TINY_AIRBENCH, TINY_MUON], ids=["sgd", "muon"])
+def test_interrupted_airbench_run_resumes_to_the_same_model(project_with, monkeypatch, tiny):
+    # Interrupted after epoch 2, with lookahead running since epoch 1 (sgd) and the whitening bias frozen
     # after it: the resumed run must end on exactly the weights of an uninterrupted one.
-    recipe = dataclasses.replace(TINY_AIRBENCH, epochs=4)
+    recipe = dataclasses.replace(tiny, epochs=4)
     uninterrupted = ProjectPaths(project_with("prepared_dir", name="uninterrupted"))
     expected = train.run(recipe, uninterrupted)
     paths = ProjectPaths(project_with("prepared_dir", name="interrupted"))
