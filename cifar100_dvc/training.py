@@ -445,9 +445,7 @@ def make_airbench_optimizer(params: TrainParams, steps_per_epoch: int, budget_sp
     }
     if config.optimizer == "muon":
         muon = config.muon
-        return AirbenchMuon(
-            schedule, muon.learning_rate, muon.momentum, muon.newton_schulz_steps, **shared
-        )  # fmt: skip
+        return AirbenchMuon(schedule, muon.learning_rate, muon.momentum, muon.newton_schulz_steps, **shared)
     return AirbenchSGD(schedule, **shared)
 
 
