@@ -86,8 +86,10 @@ class MuonParams:
 
 @dataclass(frozen=True)
 class AirbenchParams:
-    """airbench93's network and optimizer (KellerJordan/cifar10-airbench), used when ``train.arch`` is
-    airbench; every default is the published recipe's. Shared with the other networks: ``train.epochs``,
+    """airbench's network and optimizers (KellerJordan/cifar10-airbench), used when ``train.arch`` is
+    airbench. The defaults are airbench93's network trained by airbench94_muon's optimizer and schedule
+    (each default published in one of the two; the pair won on val at 1x, docs/results.md); the
+    ``airbench93`` recipe restores airbench93's SGD recipe. Shared with the other networks: ``train.epochs``,
     ``batch_size``, ``label_smoothing``, ``augment``, ``seed`` and the device and budget keys."""
 
     widths: tuple[int, ...] = _param(
@@ -104,27 +106,41 @@ class AirbenchParams:
     )
     batchnorm_scale: bool = _param(False, "BatchNorm learns a scale; airbench: no, the next convolution rescales anyway")
     output_scale: float = _param(
-        1 / 9, "logits times this: keeps the first loss near ln(classes), so the large learning rate stays stable", gt=0.0
+        1 / 256,
+        "logits times this: keeps the first loss near ln(classes), so the large learning rate stays stable "
+        "(airbench94_muon: 1/256 with the head at std 1; airbench93: 1/9)",
+        gt=0.0,
     )
     learning_rate: float = _param(
         11.5,
-        "per 1024 examples, in airbench's decoupled form: SGD steps by this x (batch / 1024) / (1 + 1 / (1 - momentum)) on "
-        "the mean loss (the same steps as airbench's rate on the summed loss), so batch and momentum can change alone",
+        "optimizer sgd: per 1024 examples, in airbench's decoupled form: SGD steps by this x (batch / 1024) / "
+        "(1 + 1 / (1 - momentum)) on the mean loss (the same steps as airbench's rate on the summed loss), so batch and "
+        "momentum can change alone",
         gt=0.0,
     )
     weight_decay: float = _param(
-        0.0153, "per 1024 examples, decoupled from the learning rate: L2 of weight_decay / learning_rate on the mean loss", ge=0.0
+        0.0153,
+        "optimizer sgd: per 1024 examples, decoupled from the learning rate: L2 of weight_decay / learning_rate on the mean loss",
+        ge=0.0,
     )
-    momentum: float = _param(0.85, "Nesterov momentum", ge=0.0, lt=1.0)
+    momentum: float = _param(0.85, "Nesterov momentum (muon: of the head and biases)", ge=0.0, lt=1.0)
     bias_lr_scale: float = _param(
-        64.0, "BatchNorm biases step this many times further (their decay unchanged): the GELU thresholds settle early", gt=0.0
+        64.0,
+        "optimizer sgd: BatchNorm biases step this many times further (their decay unchanged): the GELU thresholds settle early",
+        gt=0.0,
     )
-    schedule_start: float = _param(0.2, "learning-rate multiplier at the first step (a triangle: start, peak 1, end)", ge=0.0)
-    schedule_peak: float = _param(0.23, "share of the steps at which the multiplier peaks at 1", ge=0.0, le=1.0)
+    schedule_start: float = _param(
+        1.0, "learning-rate multiplier at the first step (a triangle: start, peak 1, end; airbench93: 0.2)", ge=0.0
+    )
+    schedule_peak: float = _param(
+        0.0, "share of the steps at which the multiplier peaks at 1 (0: a linear decay; airbench93: 0.23)", ge=0.0, le=1.0
+    )
     schedule_end: float = _param(
-        0.07, "learning-rate multiplier at the last step: a rate still moving, averaged by lookahead", ge=0.0
+        0.0, "learning-rate multiplier at the last step (airbench93: 0.07, a rate still moving, averaged by lookahead)", ge=0.0
     )
-    lookahead: bool = _param(True, "lookahead: every few steps, move slow weights toward the net, then copy them back")
+    lookahead: bool = _param(
+        False, "lookahead: every few steps, move slow weights toward the net, then copy them back (airbench93: on)"
+    )
     lookahead_every: int = _param(5, "steps between lookahead updates", ge=1)
     lookahead_decay: float = _param(
         0.7737809375,
@@ -140,13 +156,13 @@ class AirbenchParams:
     )
     translate: int = _param(2, "pixels of random translation, the uncovered edge reflected; 0: none", ge=0)
     head_init_std: float | None = _param(
-        None,
+        1.0,
         "the linear head's initial weights drawn uniformly with this standard deviation (airbench94_muon: 1, with "
         "output_scale 1 / the last width); null: PyTorch's default (within +-1/sqrt(fan_in))",
         gt=0.0,
     )
     optimizer: Literal["sgd", "muon"] = _param(
-        "sgd",
+        "muon",
         "sgd: airbench93/94's Nesterov SGD (learning_rate, weight_decay, bias_lr_scale); muon: airbench94_muon's "
         "(train.airbench.muon); both follow the schedule_* triangle and lookahead's keys",
     )
@@ -169,8 +185,8 @@ class TrainParams:
     dirac_init: bool = _param(
         False, "resnet's convolutions start as the identity on their first min(in, out) filters (airbench); baseline ignores it"
     )
-    epochs: int = _param(10, "full passes over the train split", ge=1)
-    batch_size: int = _param(1024, "images per optimizer step", ge=1)
+    epochs: int = _param(9, "full passes over the train split", ge=1)
+    batch_size: int = _param(2000, "images per optimizer step", ge=1)
     optimizer: Literal["sgd", "adam", "adamw"] = _param(
         "sgd",
         "resnet and baseline: sgd: Nesterov momentum SGD; adam: Adam, no weight decay; adamw: Adam with decoupled weight "

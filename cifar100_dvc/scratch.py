@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
-from cifar100_dvc.params import AirbenchParams, TrainParams, to_dict
+from cifar100_dvc.params import Params, TrainParams, to_dict
 from cifar100_dvc.paths import REPO_ROOT
+from cifar100_dvc.recipes import recipe
 
 # The one tiny recipe: a network and schedule that learn the tests' synthetic data in seconds; the
 # benchmark's no-op `dvc repro` trains it too. A test that needs a longer or different run says so
@@ -26,16 +27,19 @@ from cifar100_dvc.paths import REPO_ROOT
 TINY_TRAIN = TrainParams(
     arch="resnet", widths=(8, 8, 16, 16), epochs=2, batch_size=32, learning_rate=0.1, warmup_epochs=0.5, shuffle_buffer=1000
 )
-# airbench at a tiny width, its whitening bias and lookahead epochs within the short run; a higher
+# airbench93's recipe (Nesterov SGD, triangle, lookahead), the settings its published-element tests compare against.
+AIRBENCH93 = recipe(Params(), "airbench93").train
+# airbench93 at a tiny width, its whitening bias and lookahead epochs within the short run; a higher
 # rate and output scale than published, so that 64 steps of batch 32 learn the synthetic classes.
 TINY_AIRBENCH = dataclasses.replace(
     TINY_TRAIN,
     arch="airbench",
     epochs=4,
-    airbench=AirbenchParams(
-        widths=(16, 32, 32), learning_rate=30.0, output_scale=1 / 3, whiten_bias_epochs=1, lookahead_start_epoch=1
+    airbench=dataclasses.replace(
+        AIRBENCH93.airbench,
+        widths=(16, 32, 32), learning_rate=30.0, output_scale=1 / 3, whiten_bias_epochs=1, lookahead_start_epoch=1,
     ),
-)
+)  # fmt: skip
 # The same recipe as params.yaml overrides (for stage and dvc runs), with small prepare/evaluate/export settings.
 TINY_PARAMS = {
     "prepare.label": "coarse_label",

@@ -156,3 +156,35 @@ def test_every_named_recipe_is_valid_and_resnet_is_the_previous_default():
         from cifar100_dvc.recipes import with_overrides
 
         with_overrides(params, {"train.epoch": 3})
+
+
+@pytest.mark.parametrize("name", ["airbench93", "cifar100", "muon", "resnet", "notebook"])
+def test_a_recipes_dvc_options_give_the_recipe_through_dvcs_own_override_parser(tmp_path, name):
+    # The -S options docs/parameters.md prints and tools.seeds queues, applied by dvc exp run's own code:
+    # a null must stay null, not become the string "None".
+    from dvc.utils.hydra import apply_overrides
+
+    from cifar100_dvc.recipes import RECIPES, recipe, set_options
+
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO_ROOT / "params.yaml").read_text())
+    apply_overrides(path, set_options(RECIPES[name][1])[1::2])
+    assert load_params(path) == recipe(load_params(REPO_ROOT / "params.yaml"), name)
+
+
+def test_airbench93_recipe_is_the_published_sgd_recipe_and_the_default_its_network_with_muon():
+    from cifar100_dvc.recipes import recipe
+
+    default = load_params(REPO_ROOT / "params.yaml").train
+    sgd = recipe(Params(), "airbench93").train
+    assert (sgd.batch_size, sgd.epochs, sgd.airbench.optimizer, sgd.airbench.lookahead, sgd.airbench.head_init_std) == (
+        1024,
+        10,
+        "sgd",
+        True,
+        None,
+    )
+    triangle = (sgd.airbench.schedule_start, sgd.airbench.schedule_peak, sgd.airbench.schedule_end)
+    assert triangle == (0.2, 0.23, 0.07) and sgd.airbench.output_scale == pytest.approx(1 / 9)
+    assert default.airbench.widths == sgd.airbench.widths == (64, 128, 128)  # one network, two optimizers
+    assert (default.airbench.optimizer, default.batch_size, default.epochs) == ("muon", 2000, 9)

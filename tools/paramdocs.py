@@ -37,10 +37,12 @@ Change a key for one run with `dvc exp run -S train.epochs=12`, a nested one wit
 
 SECTION_NOTES = {
     "train": "Keys shared by every network come first; `train.arch` chooses the network and its recipe.",
-    "train.airbench": "airbench93's network and optimizer (KellerJordan/cifar10-airbench), used when `train.arch: "
-    "airbench`; every default is the published recipe's.",
+    "train.airbench": "airbench's network and optimizers (KellerJordan/cifar10-airbench), used when `train.arch: "
+    "airbench`. The defaults are airbench93's network trained by airbench94_muon's optimizer and schedule, each "
+    "default published in one of the two (the pair won on val at 1x: results.md); the `airbench93` recipe below "
+    "restores airbench93's own SGD recipe.",
     "train.airbench.muon": "airbench94_muon's optimizer (its `airbench94_muon.py`), used when `train.airbench.optimizer: "
-    "muon`; every default is that recipe's. The `muon` recipe below sets the rest of it.",
+    "muon` (the default); every default is that recipe's. The `muon` recipe below is airbench94_muon whole.",
 }
 
 
