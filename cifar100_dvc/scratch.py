@@ -40,6 +40,15 @@ TINY_AIRBENCH = dataclasses.replace(
         widths=(16, 32, 32), learning_rate=30.0, output_scale=1 / 3, whiten_bias_epochs=1, lookahead_start_epoch=1,
     ),
 )  # fmt: skip
+# The same tiny network trained as the default trains airbench: Muon, a linear decay, no lookahead
+# (logits / its last width, as airbench94_muon divides them).
+TINY_MUON = dataclasses.replace(
+    TINY_AIRBENCH,
+    airbench=dataclasses.replace(
+        TINY_AIRBENCH.airbench, optimizer="muon", lookahead=False, schedule_start=1.0, schedule_peak=0.0, schedule_end=0.0,
+        head_init_std=1.0, output_scale=1 / 32,
+    ),
+)  # fmt: skip
 # The same recipe as params.yaml overrides (for stage and dvc runs), with small prepare/evaluate/export settings.
 TINY_PARAMS = {
     "prepare.label": "coarse_label",

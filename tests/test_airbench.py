@@ -20,7 +20,7 @@ from cifar100_dvc.network import GELU, WHITENING_BIAS_LAYER, ChannelBias, FusedB
 from cifar100_dvc.params import AirbenchParams, TrainParams
 from cifar100_dvc.paths import ProjectPaths
 from cifar100_dvc.records import DatasetInfo, read_arrays, read_split
-from cifar100_dvc.scratch import AIRBENCH93, TINY_AIRBENCH
+from cifar100_dvc.scratch import AIRBENCH93, TINY_AIRBENCH, TINY_MUON
 from stages import train
 
 
@@ -386,16 +386,6 @@ def test_the_airbench_reader_mirrors_every_train_image_once_in_two_epochs(prepar
 @pytest.fixture
 def prepared(project_with) -> ProjectPaths:
     return ProjectPaths(project_with("prepared_dir"))
-
-
-# The muon recipe's optimizer keys on the tiny network (logits / its last width, as published).
-TINY_MUON = dataclasses.replace(
-    TINY_AIRBENCH,
-    airbench=dataclasses.replace(
-        TINY_AIRBENCH.airbench, optimizer="muon", lookahead=False, schedule_start=1.0, schedule_peak=0.0, schedule_end=0.0,
-        head_init_std=1.0, output_scale=1 / 32,
-    ),
-)  # fmt: skip
 
 
 @pytest.mark.slow

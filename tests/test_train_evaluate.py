@@ -275,7 +275,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 ONE_STEP_SCRIPT = (
     TWO_CPUS
     + """
-import json
+import json, sys
 import keras, numpy as np
 from cifar100_dvc import training
 from cifar100_dvc.network import InputSpec, build_resnet
@@ -284,7 +284,9 @@ from cifar100_dvc.params import TrainParams
 spec = InputSpec((32, 32, 3), tuple("abcdefghij"), (120.0,) * 3, (60.0,) * 3)
 rng = np.random.default_rng(0)
 batch = tf.data.Dataset.from_tensors((rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 32)))
-params = TrainParams(widths=(8, 8, 16, 16), batch_size=32, learning_rate=0.4, warmup_epochs=0.0)
+# resnet's flat SGD keys, or airbench's default optimizer (Muon) stepping the same network
+arch = sys.argv[1]
+params = TrainParams(arch=arch, widths=(8, 8, 16, 16), batch_size=32, learning_rate=0.4, warmup_epochs=0.0)
 weights = {}
 strategies = {"one device": tf.distribute.get_strategy(), "mirrored": tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])}
 for name, strategy in strategies.items():
@@ -295,6 +297,9 @@ for name, strategy in strategies.items():
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.synchronized = True
         training.compile_model(model, params, steps_per_epoch=10, jit_compile=False, steps_per_execution=1)
+        if arch == "airbench":  # bfloat16 Newton-Schulz would round the all-reduced gradient's last bits into sight
+            assert isinstance(model.optimizer, training.AirbenchMuon)
+            model.optimizer.newton_schulz_dtype = "float32"
     model.fit(batch, epochs=1, verbose=0)
     weights[name] = [np.asarray(w) for w in model.weights]
 moved = [float(np.abs(a - b).max()) for a, b in zip(weights["one device"], weights["mirrored"])]
@@ -322,10 +327,11 @@ def run_on_two_cpus(script: str, *args: str):
     return result
 
 
-def test_a_mirrored_step_over_two_replicas_is_the_step_on_one_device():
+@pytest.mark.parametrize("arch", ["resnet", "airbench"], ids=["sgd", "airbench-muon"])
+def test_a_mirrored_step_over_two_replicas_is_the_step_on_one_device(arch):
     """Loss scaling, learning rate, weight decay and BatchNorm statistics under the global batch:
     with BatchNorm synchronized, one step over two replicas moves every weight as one device does."""
-    result = run_on_two_cpus(ONE_STEP_SCRIPT)
+    result = run_on_two_cpus(ONE_STEP_SCRIPT, arch)
     differences = json.loads(result.stdout.split("RESULT", 1)[1])
     assert max(differences) < 1e-4, differences
 
@@ -347,14 +353,16 @@ print("SUMMARY" + json.dumps(summary["epochs"]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["resnet", "airbench"])
+@pytest.mark.parametrize("arch", ["resnet", "airbench", "airbench-muon"])
 def test_mirrored_training_over_two_logical_cpus_learns(prepared, tiny_train, arch):
-    # airbench: its lookahead and whitening-bias freeze run in the optimizer's cross-replica update.
+    # airbench: its lookahead and whitening-bias freeze, and Muon's orthogonalized kernel steps, run in
+    # the optimizer's cross-replica update.
     from cifar100_dvc.params import to_dict
-    from cifar100_dvc.scratch import TINY_AIRBENCH
+    from cifar100_dvc.scratch import TINY_AIRBENCH, TINY_MUON
 
     paths = prepared
-    recipe = dataclasses.replace(tiny_train, epochs=6, warmup_epochs=1.0) if arch == "resnet" else TINY_AIRBENCH
+    resnet = dataclasses.replace(tiny_train, epochs=6, warmup_epochs=1.0)
+    recipe = {"resnet": resnet, "airbench": TINY_AIRBENCH, "airbench-muon": TINY_MUON}[arch]
     result = run_on_two_cpus(MIRRORED_TRAINING_SCRIPT, str(paths.root), json.dumps(to_dict(recipe)))
     strategy_lines = [line for line in result.stderr.splitlines() if "MirroredStrategy over" in line]
     assert strategy_lines and "CPU:0" in strategy_lines[0] and "CPU:1" in strategy_lines[0], strategy_lines
