@@ -37,9 +37,13 @@ TINY_AIRBENCH = dataclasses.replace(
     epochs=4,
     airbench=dataclasses.replace(
         AIRBENCH93.airbench,
-        widths=(16, 32, 32), learning_rate=30.0, output_scale=1 / 3, whiten_bias_epochs=1, lookahead_start_epoch=1,
+        widths=(16, 32, 32),
+        learning_rate=30.0,
+        output_scale=1 / 3,
+        whiten_bias_epochs=1,
+        lookahead_start_epoch=1,
     ),
-)  # fmt: skip
+)
 # The same tiny network trained as the default trains airbench: Muon, a linear decay, no lookahead
 # (logits / its last width, as airbench94_muon divides them).
 TINY_MUON = dataclasses.replace(
