@@ -100,11 +100,15 @@ def recipe(params: Params, name: str) -> Params:
     return with_overrides(params, RECIPES[name][1])
 
 
+def yaml_value(value: Any) -> str:
+    """``value`` as params.yaml spells it on one line: null, true, [1, 2]."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
 def set_options(overrides: dict[str, Any]) -> list[str]:
     """``overrides`` as ``dvc exp run`` options: ``["-S", "train.arch=resnet", ...]``."""
     options = []
     for key, value in overrides.items():
-        # YAML's spelling (null, true, [1,2]), which dvc's override grammar reads back as the same value.
-        shown = yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip().replace(" ", "")
-        options += ["-S", f"{key}={shown}"]
+        # YAML's spelling, which dvc's override grammar reads back as the same value (None would be a string).
+        options += ["-S", f"{key}={yaml_value(value).replace(' ', '')}"]
     return options

@@ -28,7 +28,7 @@ TINY_TRAIN = TrainParams(
     arch="resnet", widths=(8, 8, 16, 16), epochs=2, batch_size=32, learning_rate=0.1, warmup_epochs=0.5, shuffle_buffer=1000
 )
 # airbench93's recipe (Nesterov SGD, triangle, lookahead), the settings its published-element tests compare against.
-AIRBENCH93 = recipe(Params(), "airbench93").train
+AIRBENCH93_TRAIN = recipe(Params(), "airbench93").train
 # airbench93 at a tiny width, its whitening bias and lookahead epochs within the short run; a higher
 # rate and output scale than published, so that 64 steps of batch 32 learn the synthetic classes.
 TINY_AIRBENCH = dataclasses.replace(
@@ -36,7 +36,7 @@ TINY_AIRBENCH = dataclasses.replace(
     arch="airbench",
     epochs=4,
     airbench=dataclasses.replace(
-        AIRBENCH93.airbench,
+        AIRBENCH93_TRAIN.airbench,
         widths=(16, 32, 32),
         learning_rate=30.0,
         output_scale=1 / 3,
@@ -44,15 +44,12 @@ TINY_AIRBENCH = dataclasses.replace(
         lookahead_start_epoch=1,
     ),
 )
-# The same tiny network trained as the default trains airbench: Muon, a linear decay, no lookahead
-# (logits / its last width, as airbench94_muon divides them).
+# The same tiny network trained as the default trains airbench (Muon, a linear decay, no lookahead),
+# its logits / its last width, as airbench94_muon divides them.
 TINY_MUON = dataclasses.replace(
     TINY_AIRBENCH,
-    airbench=dataclasses.replace(
-        TINY_AIRBENCH.airbench, optimizer="muon", lookahead=False, schedule_start=1.0, schedule_peak=0.0, schedule_end=0.0,
-        head_init_std=1.0, output_scale=1 / 32,
-    ),
-)  # fmt: skip
+    airbench=dataclasses.replace(Params().train.airbench, widths=(16, 32, 32), output_scale=1 / 32, whiten_bias_epochs=1),
+)
 # The same recipe as params.yaml overrides (for stage and dvc runs), with small prepare/evaluate/export settings.
 TINY_PARAMS = {
     "prepare.label": "coarse_label",

@@ -20,7 +20,7 @@ from cifar100_dvc.network import GELU, WHITENING_BIAS_LAYER, ChannelBias, FusedB
 from cifar100_dvc.params import AirbenchParams, TrainParams
 from cifar100_dvc.paths import ProjectPaths
 from cifar100_dvc.records import DatasetInfo, read_arrays, read_split
-from cifar100_dvc.scratch import AIRBENCH93, TINY_AIRBENCH, TINY_MUON
+from cifar100_dvc.scratch import AIRBENCH93_TRAIN, TINY_AIRBENCH, TINY_MUON
 from stages import train
 
 
@@ -31,7 +31,7 @@ def spec(num_classes: int) -> InputSpec:
 def airbench_model(num_classes: int = 10, **overrides) -> keras.Model:
     """airbench93's network (PyTorch's head init, logits / 9) with ``overrides`` of train.airbench."""
     return build_network(
-        TrainParams(arch="airbench", airbench=dataclasses.replace(AIRBENCH93.airbench, **overrides)), spec(num_classes)
+        TrainParams(arch="airbench", airbench=dataclasses.replace(AIRBENCH93_TRAIN.airbench, **overrides)), spec(num_classes)
     )
 
 
@@ -145,14 +145,14 @@ def test_under_a_time_budget_the_whole_triangle_is_compressed_and_ends_at_its_fi
 
 
 def test_airbench_rates_are_its_decoupled_hyperparameters():
-    config = AIRBENCH93.airbench
+    config = AIRBENCH93_TRAIN.airbench
     learning_rate, l2 = training.airbench_rates(config, batch_size=1024)
     assert learning_rate == pytest.approx(11.5 / (1 + 1 / (1 - 0.85)))  # 1.5 on the mean loss at batch 1024
     assert l2 == pytest.approx(0.0153 / 11.5)
     assert training.airbench_rates(config, batch_size=512)[0] == pytest.approx(learning_rate / 2)
 
 
-def torch_sgd_reference(weights, gradients_of_mean, batch_size, multipliers, is_bias, config=AIRBENCH93.airbench):
+def torch_sgd_reference(weights, gradients_of_mean, batch_size, multipliers, is_bias, config=AIRBENCH93_TRAIN.airbench):
     """airbench's update in NumPy: PyTorch SGD(nesterov) on the loss summed over the batch, rate
     lr / kilostep, weight decay wd * batch / kilostep / lr, BatchNorm biases at 64x the rate and
     the weight decay divided by it (their decay unchanged), ``multipliers`` from the schedule."""
@@ -175,7 +175,7 @@ def test_optimizer_step_is_airbench_pytorch_sgd_on_the_summed_loss(is_bias):
     batch_size, steps = 256, 6
     start = rng.normal(size=(3, 4)).astype(np.float32)
     gradients = [rng.normal(size=(3, 4)).astype(np.float32) for _ in range(steps)]
-    airbench = dataclasses.replace(AIRBENCH93.airbench, lookahead=False)
+    airbench = dataclasses.replace(AIRBENCH93_TRAIN.airbench, lookahead=False)
     params = TrainParams(arch="airbench", batch_size=batch_size, epochs=2, airbench=airbench)
     optimizer = training.make_airbench_optimizer(params, steps_per_epoch=5)
     variable = keras.Variable(start, name="beta" if is_bias else "kernel")
@@ -237,7 +237,7 @@ def test_lookahead_averages_every_few_steps_from_its_epoch_and_resets_at_epoch_e
 def test_whitening_bias_trains_for_its_epochs_then_stays_frozen():
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(2)(ChannelBias(name=WHITENING_BIAS_LAYER)(inputs)))
-    airbench = dataclasses.replace(AIRBENCH93.airbench, whiten_bias_epochs=1, lookahead=False)
+    airbench = dataclasses.replace(AIRBENCH93_TRAIN.airbench, whiten_bias_epochs=1, lookahead=False)
     params = TrainParams(arch="airbench", batch_size=8, epochs=4, airbench=airbench)
     model.compile(optimizer=training.make_airbench_optimizer(params, steps_per_epoch=3), loss="mse")
     bias = model.get_layer(WHITENING_BIAS_LAYER).bias

@@ -21,14 +21,14 @@ from cifar100_dvc.network import (
     patch_whitening_kernel,
 )
 from cifar100_dvc.params import TrainParams
-from cifar100_dvc.scratch import AIRBENCH93
+from cifar100_dvc.scratch import AIRBENCH93_TRAIN
 from cifar100_dvc.training import SmoothedSparseCrossentropy
 
 SMALL = {  # each architecture at a small width, for the tests that train or save it
     "baseline": TrainParams(arch="baseline"),
     "resnet": TrainParams(arch="resnet", widths=(8, 8, 16, 16)),
     # airbench93's head (logits / 9): the default's logits / 256 suit Muon's unit-std head, not Adam's small steps.
-    "airbench": TrainParams(arch="airbench", airbench=dataclasses.replace(AIRBENCH93.airbench, widths=(16, 32, 32))),
+    "airbench": TrainParams(arch="airbench", airbench=dataclasses.replace(AIRBENCH93_TRAIN.airbench, widths=(16, 32, 32))),
 }
 
 

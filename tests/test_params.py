@@ -12,6 +12,7 @@ import yaml
 from cifar100_dvc.common import StageError
 from cifar100_dvc.params import Params, load_params, parse_params, to_dict
 from cifar100_dvc.paths import REPO_ROOT
+from cifar100_dvc.recipes import RECIPES
 
 
 def repo_params() -> dict:
@@ -158,13 +159,13 @@ def test_every_named_recipe_is_valid_and_resnet_is_the_previous_default():
         with_overrides(params, {"train.epoch": 3})
 
 
-@pytest.mark.parametrize("name", ["airbench93", "cifar100", "muon", "resnet", "notebook"])
+@pytest.mark.parametrize("name", sorted(RECIPES))
 def test_a_recipes_dvc_options_give_the_recipe_through_dvcs_own_override_parser(tmp_path, name):
     # The -S options docs/parameters.md prints and tools.seeds queues, applied by dvc exp run's own code:
     # a null must stay null, not become the string "None".
     from dvc.utils.hydra import apply_overrides
 
-    from cifar100_dvc.recipes import RECIPES, recipe, set_options
+    from cifar100_dvc.recipes import recipe, set_options
 
     path = tmp_path / "params.yaml"
     path.write_text((REPO_ROOT / "params.yaml").read_text())

@@ -19,7 +19,7 @@ import yaml
 
 from cifar100_dvc.params import Params
 from cifar100_dvc.paths import REPO_ROOT
-from cifar100_dvc.recipes import RECIPES, set_options
+from cifar100_dvc.recipes import RECIPES, set_options, yaml_value
 
 PAGE = REPO_ROOT / "docs" / "parameters.md"
 
@@ -44,10 +44,6 @@ SECTION_NOTES = {
     "train.airbench.muon": "airbench94_muon's optimizer (its `airbench94_muon.py`), used when `train.airbench.optimizer: "
     "muon` (the default); every default is that recipe's. The `muon` recipe below is airbench94_muon whole.",
 }
-
-
-def _shown(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
 
 
 def _accepted(hint: Any, metadata: dict) -> str:
@@ -80,7 +76,7 @@ def _rows(cls: type, values: dict, prefix: str, sections: list) -> list[str]:
         if dataclasses.is_dataclass(hint):
             sections.append((f"{prefix}{spec.name}", hint, values[spec.name]))
             continue
-        default = _shown(values[spec.name])
+        default = yaml_value(values[spec.name])
         rows.append(f"| `{prefix}{spec.name}` | `{default}` | {_accepted(hint, spec.metadata)} | {spec.metadata['doc']} |")
     return rows
 
