@@ -32,6 +32,7 @@ from cifar100_dvc.paths import ProjectPaths
 from cifar100_dvc.records import DatasetInfo, read_split
 from cifar100_dvc.training import (
     AirbenchSGD,
+    DetachFrozenWhiteningBias,
     augmenter,
     compile_model,
     device_settings_here,
@@ -263,7 +264,7 @@ def _fit(model, params, info, paths, steps_per_epoch, history, clock, run_finger
             steps_per_epoch=steps_per_epoch,
             validation_data=val_batches,
             validation_freq=validation_epochs(params.validation_freq, params.epochs),
-            callbacks=[clock, checkpoint, DVCLiveCallback(live=live)],
+            callbacks=[clock, DetachFrozenWhiteningBias(), checkpoint, DVCLiveCallback(live=live)],
             verbose=1 if sys.stdout.isatty() else 2,
             shuffle=False,  # the reader already shuffles, seeded
         )

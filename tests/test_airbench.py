@@ -250,6 +250,69 @@ def test_whitening_bias_trains_for_its_epochs_then_stays_frozen():
     assert moves == [True] * 3 + [False] * 9  # the first epoch's 3 steps, then never again
 
 
+def gradient_ops(model: keras.Model, op_type: str) -> int:
+    """How many ``op_type`` operations computing the gradient of ``model``'s loss w.r.t. its trainable
+    weights needs: those its outputs depend on in the traced graph (TensorFlow runs no others)."""
+
+    @tf.function
+    def gradients(images):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(images, training=True))
+        return tape.gradient(loss, model.trainable_variables)
+
+    graph = gradients.get_concrete_function(tf.TensorSpec((2, 32, 32, 3), tf.uint8)).graph
+    needed, pending = set(), [tensor.op for tensor in graph.outputs]
+    while pending:
+        op = pending.pop()
+        if op not in needed:
+            needed.add(op)
+            pending.extend([tensor.op for tensor in op.inputs] + list(op.control_inputs))
+    return sum(op.type == op_type for op in needed)
+
+
+def test_an_untrainable_whitening_bias_stops_backpropagation_at_block_1():
+    # What DetachFrozenWhiteningBias saves: with the bias out of the gradient, block 1's first convolution
+    # has no input gradient left to compute (every convolution keeps its kernel gradient).
+    model = airbench_model(10, widths=(8, 8, 8))
+    assert gradient_ops(model, "Conv2DBackpropInput") == 6 and gradient_ops(model, "Conv2DBackpropFilter") == 6
+    model.get_layer(WHITENING_BIAS_LAYER).trainable = False
+    assert gradient_ops(model, "Conv2DBackpropInput") == 5 and gradient_ops(model, "Conv2DBackpropFilter") == 6
+
+
+class RecordingDetach(training.DetachFrozenWhiteningBias):
+    """The stage's detaching callback, recording whether the bias is trained at each epoch's start."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        bias = self.model.get_layer(WHITENING_BIAS_LAYER).bias
+        RecordingDetach.bias_trained.append(any(v is bias for v in self.model.trainable_variables))
+
+
+class NoDetach(keras.callbacks.Callback):
+    """The bias's gradient computed to the end, as before the detaching callback."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tiny", [TINY_AIRBENCH, TINY_MUON], ids=["sgd", "muon"])
+def test_detaching_the_frozen_whitening_bias_trains_the_same_model(project_with, monkeypatch, tiny):
+    recipe = dataclasses.replace(tiny, epochs=3)  # the bias trains in epoch 1 of 3
+    monkeypatch.setattr(train, "DetachFrozenWhiteningBias", RecordingDetach)
+    RecordingDetach.bias_trained = []
+    detached = ProjectPaths(project_with("prepared_dir", name="detached"))
+    summary = train.run(recipe, detached)
+    assert RecordingDetach.bias_trained == [True, False, False]
+    monkeypatch.setattr(train, "DetachFrozenWhiteningBias", NoDetach)
+    kept = ProjectPaths(project_with("prepared_dir", name="kept"))
+    expected = train.run(recipe, kept)
+    # The saved network is whole again (its bias trainable, the same parameter count) and its weights are
+    # those of the run that computed the bias's gradient to the end.
+    assert summary["trainable_parameters"] == expected["trainable_parameters"]
+    model = load_model(detached.model_file)
+    assert model.get_layer(WHITENING_BIAS_LAYER).trainable
+    for a, b in zip(model.weights, load_model(kept.model_file).weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 # ---------------------------------------------------------------- airbench94_muon
 
 
