@@ -54,7 +54,7 @@ def test_benchmark_writes_every_measurement(hub_dataset, tmp_path):
     steps = [step["name"] for step in results["baseline_steps"]]
     assert [name.split(" ")[0] for name in steps[:3]] == ["notebook", "+", "+"] and steps[3].startswith(project_step)
     assert all(step["compute_only_images_per_s"] > 0 for step in results["baseline_steps"])
-    assert [step["name"].split(" ")[0] for step in results["airbench_steps"]] == ["Keras'", "+", "+"]
+    assert [step["name"].split(" ")[0] for step in results["airbench_steps"]] == ["Keras'", "+", "+", "+"]
     assert all(step["compute_only_images_per_s"] > 0 for step in results["airbench_steps"])
     convolutions = results["airbench_convolutions"]  # airbench's step, at its 500-image batch
     assert convolutions["batch_size"] == 500 and convolutions["dtype"] == project_dtype

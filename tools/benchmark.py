@@ -190,12 +190,15 @@ class Workload:
 class ModelRecipe:
     """One measured model: its train settings (network included) and dtype policy; with
     ``stock_batch_norm``, Keras' BatchNormalization (and, for the notebook's baseline, its graph: one step
-    per call, no XLA); with ``stock_gelu`` (airbench), Keras' own GELU instead of the fused one."""
+    per call, no XLA); with ``stock_gelu`` (airbench), Keras' own GELU instead of the fused one; with
+    ``detached_whitening_bias`` (airbench), its steps after the whitening bias's epochs, the bias's gradient
+    no longer computed (``training.DetachFrozenWhiteningBias``)."""
 
     settings: TrainParams
     policy: str
     stock_batch_norm: bool = False
     stock_gelu: bool = False
+    detached_whitening_bias: bool = False
 
 
 def resolve_dataset(dataset: str, label: str | None, work: Path) -> tuple[str, str | None]:
@@ -259,7 +262,15 @@ def make_model(work: Workload, recipe: ModelRecipe):
     import keras
 
     from cifar100_dvc import training
-    from cifar100_dvc.network import GELU, FusedBatchNormalization, build_airbench, build_baseline, build_network, keras_gelu
+    from cifar100_dvc.network import (
+        GELU,
+        WHITENING_BIAS_LAYER,
+        FusedBatchNormalization,
+        build_airbench,
+        build_baseline,
+        build_network,
+        keras_gelu,
+    )
 
     spec = training.input_spec(work.info)
     settings = recipe.settings
@@ -276,6 +287,8 @@ def make_model(work: Workload, recipe: ModelRecipe):
         else:
             model = build_network(settings, spec, kernel)
         training.compile_model(model, settings, steps_per_epoch, jit_compile, steps_per_execution)
+    if recipe.detached_whitening_bias:
+        model.get_layer(WHITENING_BIAS_LAYER).trainable = False  # what the callback does once the bias is frozen
     return model
 
 
@@ -448,7 +461,8 @@ def baseline_breakdown(work: Workload, params: Params, train_rows: list[dict], i
 
 def airbench_breakdown(work: Workload, params: Params, train_rows: list[dict], images_per_run: int, repeats: int) -> list[dict]:
     """Where airbench's training rate comes from in TensorFlow, one change at a time from Keras' stock
-    layers, compute only (the last step is the airbench row of ``train_rows``)."""
+    layers, compute only (the third step is the airbench row of ``train_rows``), and its steps once the
+    whitening bias is frozen and detached (the rest of a run after ``whiten_bias_epochs``)."""
     settings = project_recipes(params, work.num_train)["airbench"]
     policy = work.device.mixed_precision_policy
     batch = next(iter(train_reader(work, settings, augment=True)))
@@ -463,7 +477,14 @@ def airbench_breakdown(work: Workload, params: Params, train_rows: list[dict], i
         )
         for name, stock_bn, stock_gelu in steps
     ]
-    return [*rows, {**train_rows[-1], "name": "+ fused GELU (the project's airbench)"}]
+    detached = measure_compute_only(
+        "+ whitening bias detached (the steps after its epochs)",
+        functools.partial(make_model, work, ModelRecipe(settings, policy, detached_whitening_bias=True)),
+        batch,
+        images_per_run,
+        repeats,
+    )
+    return [*rows, {**train_rows[-1], "name": "+ fused GELU (the project's airbench)"}, detached]
 
 
 def convolution_pass(kind: str, images, kernel, upstream, strides: list[int], padding: str):
