@@ -241,8 +241,7 @@ class AirbenchSGD(keras.optimizers.Optimizer):
         scale = self.bias_lr_scale if is_batch_norm_bias(variable) else 1.0
         rate = keras.ops.cast(learning_rate, dtype) * scale
         if is_whitening_bias(variable):
-            still_training = self._progress(self.iterations) < self.whiten_bias_until
-            rate = rate * keras.ops.cast(still_training, dtype)  # frozen: never moves again (the progress only grows)
+            rate = rate * keras.ops.cast(self._whitening_bias_trains(), dtype)  # frozen: never moves again
         self._sgd_step(gradient, variable, rate, scale)
 
     def _sgd_step(self, gradient, variable, rate, scale: float) -> None:
@@ -277,10 +276,14 @@ class AirbenchSGD(keras.optimizers.Optimizer):
         tf.cond(epoch_end & (due | started), lambda: update(pairs, 0.0, copy_back=True), lambda: None)
         distribution.extended.update(self.lookahead_started.value, _raise_flag, args=(due,), group=False)
 
+    def _whitening_bias_trains(self):
+        """Whether this step is inside the whitening bias's share of the run (a boolean tensor); once
+        it is not, it never is again: the run's progress only grows."""
+        return self._progress(self.iterations) < self.whiten_bias_until
+
     def whitening_bias_frozen(self) -> bool:
-        """Whether the whitening bias will never move again: its share of the run is over (the
-        run's progress only grows; ``update_step`` holds the bias still from then on)."""
-        return float(self._progress(self.iterations)) >= self.whiten_bias_until
+        """Whether the whitening bias will never move again (``update_step`` holds it still from then on)."""
+        return not bool(self._whitening_bias_trains())
 
     def finish_lookahead(self) -> None:
         """Make the weights the slow copy, if lookahead has started: what every epoch's end does, for a
