@@ -418,9 +418,9 @@ class DetachFrozenWhiteningBias(keras.callbacks.Callback):
     PyTorch code gets this by detaching the bias; here the bias layer turns untrainable at the first
     epoch start after its share of the run, and the training step is retraced once without it.
 
-    Nothing trained changes, only the time (the other gradients are the same operations): 4-13% of a
-    step on a Zen 4 in bfloat16 (docs/benchmark.md). The layer is trainable again when training
-    ends, so the saved model and its parameter count are those of the network.
+    Nothing trained changes, only the time (the other gradients are the same operations; what it
+    saves, measured: docs/benchmark.md). The layer is trainable again when training ends, so the
+    saved model and its parameter count are those of the network.
     """
 
     def __init__(self):
