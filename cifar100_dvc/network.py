@@ -480,3 +480,26 @@ def build_network(params: TrainParams, spec: InputSpec, whitening_kernel: np.nda
     if params.arch == "airbench":
         return build_airbench(spec, params.airbench, whitening_kernel)
     raise ValueError(f"unknown arch {params.arch!r}; expected one of {ARCHITECTURES}")
+
+
+def ensemble_of(members: Sequence[keras.Model]) -> keras.Model:
+    """One model whose logits are the mean of ``members``' logits: trained networks of this project
+    (uint8 images in, logits for the same classes out), saved, evaluated and exported as one.
+
+    Averaging logits, not probabilities, keeps every model's contract (logits out: evaluate and
+    predict take their softmax, the SavedModel serves them); it is the normalized geometric mean
+    of the members' probabilities. One member is returned as it is.
+    """
+    if len(members) == 1:
+        return members[0]
+    names = class_names_of(members[0])
+    for member in members[1:]:
+        if class_names_of(member) != names or member.inputs[0].shape != members[0].inputs[0].shape:
+            raise ValueError("ensemble members must take the same images and name the same classes")
+    images_uint8 = keras.Input(shape=members[0].inputs[0].shape[1:], dtype="uint8", name="images_uint8")
+    logits = [
+        keras.Model(member.inputs[0], member.outputs[0], name=f"member_{index + 1}")(images_uint8)
+        for index, member in enumerate(members)
+    ]
+    mean_logits = layers.Average(dtype="float32", name="mean_logits")(logits)
+    return keras.Model(images_uint8, ClassNames(names, dtype="float32", name="class_names")(mean_logits), name="ensemble")

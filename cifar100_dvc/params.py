@@ -217,6 +217,13 @@ class TrainParams:
         "zeros", "what the crop's padding holds: black, or the image reflected at its edge (no artificial edge)"
     )
     seed: int = _param(0, "seed of weights, shuffling and augmentation", ge=0)
+    ensemble: int = _param(
+        1,
+        "networks trained one after another (member k on seed seed x ensemble + k, each with an equal share of "
+        "time_budget_minutes); the saved model averages their logits, so inference costs that many networks",
+        ge=1,
+        le=16,
+    )
     validation_freq: int = _param(
         1,
         "epochs between val passes while training (Keras' validation_freq), the last epoch always one: 1 draws the val "

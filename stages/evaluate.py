@@ -81,10 +81,16 @@ def epoch_positions(history: dict) -> tuple[list[float], bool]:
 
     A row's optional ``epoch_fraction`` (share of the epoch's steps that ran, 1.0 if absent)
     puts a cut-short epoch at its fractional position; without it, the summary's
-    ``stopped_by_time_budget`` still marks the last epoch as cut short.
+    ``stopped_by_time_budget`` still marks the last epoch as cut short. The networks of an
+    ensemble (rows with a ``member``) follow one another on the axis, in the order trained.
     """
     rows = history["epochs"]
-    positions = [row["epoch"] - 1 + row.get("epoch_fraction", 1.0) for row in rows]
+    positions: list[float] = []
+    member, offset = None, 0.0
+    for row in rows:
+        if row.get("member") != member:  # the next network starts where the one before ended
+            member, offset = row.get("member"), positions[-1] if positions else 0.0
+        positions.append(offset + row["epoch"] - 1 + row.get("epoch_fraction", 1.0))
     cut_short = bool(rows) and bool(history.get("stopped_by_time_budget")) and rows[-1].get("epoch_fraction", 0.0) < 1.0
     return positions, cut_short
 
@@ -121,7 +127,8 @@ def plot_training_curves(history: dict, path: Path) -> None:
         axis.legend()
     epochs = f"{positions[-1]:.2f}".rstrip("0").rstrip(".") if positions else "0"
     note = f" ({CUT_SHORT_LABEL})" if cut_short else ""
-    figure.suptitle(f"{history['arch']}: {epochs} epochs{note}, {history['train_seconds']:.0f} s")
+    networks = f" over {history['ensemble']} networks trained in turn" if history.get("ensemble", 1) > 1 else ""
+    figure.suptitle(f"{history['arch']}: {epochs} epochs{networks}{note}, {history['train_seconds']:.0f} s")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -4,7 +4,10 @@ Per-epoch train/val loss, accuracy and top-5 accuracy go to dvclive (``dvc plots
 ``dvc exp show``) and to models/history.json (for evaluate's plots). After every epoch the
 full training state is checkpointed under checkpoints/ (train's own folder, not a DVC output), so a run
 that is killed or interrupted continues from its last completed epoch when run again with
-the same params and data, and ends exactly where an uninterrupted run would.
+the same params and data, and ends exactly where an uninterrupted run would. With
+``train.ensemble`` above 1 the networks are trained one after another, each checkpointed in
+its own folder (checkpoints/member-K) and kept there once finished, and the saved model
+averages their logits (``network.ensemble_of``).
 
 The schedule, loss, optimizer and device settings are library code (cifar100_dvc.training);
 this module holds what only the stage needs: the clock, the checkpoints and ``run``.
@@ -12,6 +15,7 @@ this module holds what only the stage needs: the clock, the checkpoints and ``ru
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,7 +30,7 @@ import tensorflow as tf
 
 from cifar100_dvc import hardware
 from cifar100_dvc.common import StageError, atomic_output, raise_if_interrupted, remove_path, run_main
-from cifar100_dvc.network import build_network, float32_model
+from cifar100_dvc.network import build_network, ensemble_of, float32_model
 from cifar100_dvc.params import TrainParams, load_params, to_dict
 from cifar100_dvc.paths import ProjectPaths
 from cifar100_dvc.records import DatasetInfo, read_split
@@ -45,7 +49,9 @@ from cifar100_dvc.training import (
 log = logging.getLogger(__name__)
 
 _STATE_FILE = "state.json"
-_NOT_LIVE_METRICS = ("epoch", "epoch_fraction", "seconds")  # history keys that are not metrics
+_MEMBER_MODEL, _MEMBER_STATE = "member.keras", "member.json"  # a finished ensemble member, kept until the run ends
+_MEMBER_OUTCOME = ("time_budget_minutes", "epochs_done", "images_seen", "stop_reason", "train_seconds")  # history.json
+_NOT_LIVE_METRICS = ("member", "epoch", "epoch_fraction", "seconds")  # history keys that are not metrics
 
 
 # ---------------------------------------------------------------- clock, checkpoints and their fingerprint
@@ -95,13 +101,23 @@ class EpochCheckpoint(keras.callbacks.Callback):
     """After each epoch: record its history row, save the model with its optimizer state, then a state
     file naming them (atomic order: the state file is replaced last)."""
 
-    def __init__(self, directory: Path, run_fingerprint: str, history: list[dict], clock: TrainingClock, steps_per_epoch: int):
+    def __init__(
+        self,
+        directory: Path,
+        run_fingerprint: str,
+        history: list[dict],
+        clock: TrainingClock,
+        steps_per_epoch: int,
+        member: int | None = None,
+    ):
         super().__init__()
         self.directory, self.run_fingerprint, self.history = directory, run_fingerprint, history
         self.clock, self.steps_per_epoch = clock, steps_per_epoch
+        self.member = member  # which network of an ensemble (from 1), recorded in each row; None: no ensemble
 
     def on_epoch_end(self, epoch: int, logs=None):
-        row = {"epoch": epoch + 1, **{key: float(value) for key, value in (logs or {}).items()}}
+        row = {} if self.member is None else {"member": self.member}
+        row |= {"epoch": epoch + 1, **{key: float(value) for key, value in (logs or {}).items()}}
         # An epoch cut short by the time budget counts for the share of its steps that ran.
         row["epoch_fraction"] = round(self.clock.steps_in_epoch / self.steps_per_epoch, 6)
         row["seconds"] = round(self.clock.seconds(), 3)
@@ -151,7 +167,8 @@ def clear_checkpoints(directory: Path) -> None:
 
 
 def run(params: TrainParams, paths: ProjectPaths) -> dict:
-    """Train, write the model and history atomically, and return the history summary."""
+    """Train (every network of ``train.ensemble``, one after another), write the model and history
+    atomically, and return the history summary."""
     info = DatasetInfo.read(paths.prepared_dir)
     steps_per_epoch = _steps_per_epoch(params, info, paths)
     _check_crop(params, info, paths)
@@ -165,18 +182,18 @@ def run(params: TrainParams, paths: ProjectPaths) -> dict:
         settings.jit_compile,
         settings.steps_per_execution,
     )
-    with process_settings(params.seed, settings.mixed_precision_policy, deterministic=settings.num_gpus == 0):
-        paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        run_fingerprint = fingerprint(params, paths.prepared_dir)
-        state = load_checkpoint(paths.checkpoint_dir, run_fingerprint)
-        history: list[dict] = list(state["history"]) if state else []
-        strategy = make_strategy(params.distribute)
-        model, budget_spent = _build_or_resume(params, info, settings, strategy, steps_per_epoch, paths, state)
-        seconds_before = history[-1]["seconds"] if history else 0.0  # a resumed run's budget counts earlier epochs
-        clock = TrainingClock(time.perf_counter() - seconds_before, params.time_budget_minutes, budget_spent)
-        _fit(model, params, info, paths, steps_per_epoch, history, clock, run_fingerprint)
-        summary = _summary(params, model, settings, machine, steps_per_epoch, history, clock)
-        inference_model = _inference_model(model, strategy)
+    paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    members: list[keras.Model] = []
+    summaries: list[dict] = []
+    for index in range(params.ensemble):
+        member_params = ensemble_member(params, index)
+        if params.ensemble > 1:
+            log.info("ensemble member %d of %d: seed %d", index + 1, params.ensemble, member_params.seed)
+        model, summary = _train_member(member_params, index, info, settings, machine, steps_per_epoch, paths, summaries)
+        members.append(model)
+        summaries.append(summary)
+    summary = summaries[0] if params.ensemble == 1 else _ensemble_summary(params, summaries)
+    inference_model = ensemble_of(members)
     with atomic_output(paths.model_file) as staged:
         inference_model.save(staged)
     with atomic_output(paths.history_file) as staged:
@@ -191,6 +208,85 @@ def run(params: TrainParams, paths: ProjectPaths) -> dict:
         summary["stop_reason"],
     )
     return summary
+
+
+def ensemble_member(params: TrainParams, index: int) -> TrainParams:
+    """The params network ``index`` (from 0) of the ensemble trains with: its own seed (seed x ensemble
+    + index: the members of runs on seeds 0, 1, 2 are all different networks) and an equal share of
+    the time budget. With ``train.ensemble: 1`` that is ``params`` itself."""
+    budget = params.time_budget_minutes / params.ensemble if params.time_budget_minutes else None
+    return dataclasses.replace(params, seed=params.seed * params.ensemble + index, time_budget_minutes=budget)
+
+
+def _train_member(params, index, info, settings, machine, steps_per_epoch, paths, earlier) -> tuple[keras.Model, dict]:
+    """(inference model, summary) of one network: trained, resumed from its checkpoint, or, for an ensemble
+    member finished before an interruption, loaded. ``earlier``: the summaries of the members before it."""
+    ensemble = params.ensemble > 1
+    directory = paths.checkpoint_dir / f"member-{index + 1}" if ensemble else paths.checkpoint_dir
+    run_fingerprint = fingerprint(params, paths.prepared_dir)
+    finished = _finished_member(directory, run_fingerprint)
+    if finished:
+        log.info("ensemble member %d was finished before: loaded from %s", index + 1, directory)
+        return finished
+    directory.mkdir(exist_ok=True)
+    with process_settings(params.seed, settings.mixed_precision_policy, deterministic=settings.num_gpus == 0):
+        state = load_checkpoint(directory, run_fingerprint)
+        history: list[dict] = list(state["history"]) if state else []
+        strategy = make_strategy(params.distribute)
+        model, budget_spent = _build_or_resume(params, info, settings, strategy, steps_per_epoch, paths, directory, state)
+        seconds_before = history[-1]["seconds"] if history else 0.0  # a resumed run's budget counts earlier epochs
+        clock = TrainingClock(time.perf_counter() - seconds_before, params.time_budget_minutes, budget_spent)
+        member = index + 1 if ensemble else None
+        _fit(model, params, info, paths, directory, steps_per_epoch, history, clock, run_fingerprint, member, earlier)
+        summary = _summary(params, model, settings, machine, steps_per_epoch, history, clock)
+        inference_model = _inference_model(model, strategy)
+    if ensemble:  # kept, so that an interruption in a later member does not train this one again
+        with atomic_output(directory / _MEMBER_MODEL) as staged:
+            inference_model.save(staged)
+        with atomic_output(directory / _MEMBER_STATE) as staged:
+            staged.write_text(json.dumps({"fingerprint": run_fingerprint, "summary": summary}))
+    return inference_model, summary
+
+
+def _finished_member(directory: Path, run_fingerprint: str) -> tuple[keras.Model, dict] | None:
+    """(model, summary) of an ensemble member this run finished before it was interrupted, else None."""
+    try:
+        state = json.loads((directory / _MEMBER_STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    if state.get("fingerprint") != run_fingerprint or not (directory / _MEMBER_MODEL).is_file():
+        return None
+    return keras.models.load_model(directory / _MEMBER_MODEL, compile=False, safe_mode=True), state["summary"]
+
+
+def _ensemble_summary(params: TrainParams, members: list[dict]) -> dict:
+    """models/history.json of an ensemble: the work of all its networks added up, each network's own
+    outcome under ``members``, and every network's epochs, in training order, under ``epochs``."""
+    stopped = any(member["stopped_by_time_budget"] for member in members)
+    return {
+        "arch": params.arch,
+        "ensemble": params.ensemble,
+        "epochs_planned": params.epochs,  # per network
+        "epochs_completed": sum(member["epochs_completed"] for member in members),
+        "epochs_done": round(sum(member["epochs_done"] for member in members), 4),
+        "images_seen": sum(member["images_seen"] for member in members),
+        "stop_reason": "time_budget" if stopped else "epochs",
+        "stopped_by_time_budget": stopped,
+        "time_budget_minutes": params.time_budget_minutes,
+        "train_seconds": round(sum(member["train_seconds"] for member in members), 3),
+        "final_learning_rate": members[-1]["final_learning_rate"],
+        "trainable_parameters": sum(member["trainable_parameters"] for member in members),
+        "device": members[0]["device"],
+        "machine": members[0]["machine"],
+        "members": [
+            {
+                "seed": ensemble_member(params, index).seed,
+                **{key: member[key] for key in _MEMBER_OUTCOME},
+            }
+            for index, member in enumerate(members)
+        ],
+        "epochs": [row for member in members for row in member["epochs"]],
+    }
 
 
 def _steps_per_epoch(params: TrainParams, info: DatasetInfo, paths: ProjectPaths) -> int:
@@ -215,7 +311,7 @@ def _check_crop(params: TrainParams, info: DatasetInfo, paths: ProjectPaths) -> 
         raise StageError(f"{key}={padding}{fill} must be below the {height}x{width} images in {paths.prepared_dir}")
 
 
-def _build_or_resume(params, info, settings, strategy, steps_per_epoch, paths, state):
+def _build_or_resume(params, info, settings, strategy, steps_per_epoch, paths, directory, state):
     """(compiled model, the schedule's budget variable or None): fresh, or with the checkpoint's
     weights and optimizer state loaded into it when resuming."""
     with strategy.scope():
@@ -223,14 +319,15 @@ def _build_or_resume(params, info, settings, strategy, steps_per_epoch, paths, s
         model = build_network(params, input_spec(info), whitening_kernel(params, info, paths.prepared_dir))
         compile_model(model, params, steps_per_epoch, settings.jit_compile, settings.steps_per_execution, budget_spent)
         if state:
-            log.info("resuming from %s after epoch %d of %d", paths.checkpoint_dir, state["epoch"], params.epochs)
+            log.info("resuming from %s after epoch %d of %d", directory, state["epoch"], params.epochs)
             model.optimizer.build(model.trainable_variables)  # its slots must exist to be loaded into
-            model.load_weights(paths.checkpoint_dir / state["weights"])
+            model.load_weights(directory / state["weights"])
     return model, budget_spent
 
 
-def _fit(model, params, info, paths, steps_per_epoch, history, clock, run_fingerprint) -> None:
-    """Fit from the epoch after the last one in ``history``, logging to dvclive and checkpointing."""
+def _fit(model, params, info, paths, directory, steps_per_epoch, history, clock, run_fingerprint, member, earlier) -> None:
+    """Fit from the epoch after the last one in ``history``, logging to dvclive and checkpointing in
+    ``directory``; ``earlier``: the summaries of the ensemble's networks trained before this one."""
     initial_epoch = len(history)
     train_batches = read_split(
         paths.prepared_dir,
@@ -250,12 +347,13 @@ def _fit(model, params, info, paths, steps_per_epoch, history, clock, run_finger
     from dvclive.utils import standardize_metric_name
 
     live = Live(dir=str(paths.live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
-    for row in history:  # a resumed run replays its earlier epochs so the curves are whole
+    earlier_rows = [row for summary in earlier for row in summary["epochs"]]
+    for row in earlier_rows + history:  # a resumed run (or a later member) replays earlier epochs: whole curves
         for key, value in row.items():
             if key not in _NOT_LIVE_METRICS:
                 live.log_metric(standardize_metric_name(key, "dvclive.keras"), value)
         live.next_step()
-    checkpoint = EpochCheckpoint(paths.checkpoint_dir, run_fingerprint, history, clock, steps_per_epoch)
+    checkpoint = EpochCheckpoint(directory, run_fingerprint, history, clock, steps_per_epoch, member)
     if initial_epoch < params.epochs:
         model.fit(
             train_batches,
@@ -271,9 +369,12 @@ def _fit(model, params, info, paths, steps_per_epoch, history, clock, run_finger
         if isinstance(model.optimizer, AirbenchSGD):
             model.optimizer.finish_lookahead()  # a run stopped inside an epoch ends on the slow weights too
     # What was actually done, beside the last epoch's metrics (`dvc exp show`, `dvc metrics diff`).
-    live.summary["epochs_done"], live.summary["images_seen"] = _work_done(history, steps_per_epoch * params.batch_size)
-    live.summary["stopped_by_time_budget"] = int(clock.exhausted)
-    live.summary["train_seconds"] = round(history[-1]["seconds"], 1) if history else 0.0
+    # An ensemble's: of all its networks so far (the last member's summary is the whole run's).
+    images_per_epoch = steps_per_epoch * params.batch_size
+    live.summary["epochs_done"], live.summary["images_seen"] = _work_done(earlier_rows + history, images_per_epoch)
+    live.summary["stopped_by_time_budget"] = int(clock.exhausted or any(s["stopped_by_time_budget"] for s in earlier))
+    seconds = sum(summary["train_seconds"] for summary in earlier) + (history[-1]["seconds"] if history else 0.0)
+    live.summary["train_seconds"] = round(seconds, 1)
     live.make_summary()
     live.end()
 

@@ -280,3 +280,23 @@ def test_every_network_takes_the_image_size_it_is_given(arch, size):
     if arch == "baseline":  # the notebook's Flatten -> Dense 512 grows with the image: (size / 8)^2 x 128 inputs
         (hidden,) = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense) and layer.units == 512]
         assert hidden.kernel.shape == ((size // 8) ** 2 * 128, 512)
+
+
+def test_an_ensemble_is_one_model_whose_logits_are_its_members_mean(tmp_path):
+    from cifar100_dvc.inference import foreign_model_problem
+    from cifar100_dvc.network import ensemble_of, float32_model
+
+    keras.utils.set_random_seed(0)
+    members = [build_network(SMALL["resnet"], spec(20)) for _ in range(3)]
+    images_uint8 = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    each = [member.predict(images_uint8, verbose=0) for member in members]
+    assert not np.allclose(each[0], each[1])  # different networks: the mean is not any one of them
+    ensemble = ensemble_of(members)
+    np.testing.assert_allclose(ensemble.predict(images_uint8, verbose=0), np.mean(each, axis=0), rtol=1e-5, atol=1e-6)
+    assert foreign_model_problem(ensemble) is None and class_names_of(ensemble) == [f"class_{i}" for i in range(20)]
+    ensemble.save(tmp_path / "ensemble.keras")  # what train writes, read back as evaluate and export read it
+    loaded = float32_model(keras.models.load_model(tmp_path / "ensemble.keras", safe_mode=True, compile=False))
+    np.testing.assert_allclose(loaded.predict(images_uint8, verbose=0), np.mean(each, axis=0), rtol=1e-5, atol=1e-6)
+    assert ensemble_of(members[:1]) is members[0]  # one network is saved as it is
+    with pytest.raises(ValueError, match="same classes"):
+        ensemble_of([members[0], build_network(SMALL["resnet"], spec(10))])

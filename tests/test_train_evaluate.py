@@ -409,3 +409,60 @@ def test_airbench_switches_train_end_to_end_and_the_model_reloads(prepared, tiny
     images_uint8, labels = read_arrays(prepared.prepared_dir, "val")
     accuracy = float(np.mean(predict_probabilities(model, images_uint8, 64, tta_flip=False).argmax(axis=1) == labels))
     assert accuracy == pytest.approx(summary["epochs"][-1]["val_accuracy"], abs=0.02)
+
+
+def test_ensemble_members_get_seeds_no_other_run_uses_and_equal_shares_of_the_budget(tiny_train):
+    pair = dataclasses.replace(tiny_train, ensemble=2, time_budget_minutes=10.0)
+    seeds = [train.ensemble_member(dataclasses.replace(pair, seed=seed), index).seed for seed in (0, 1, 2) for index in (0, 1)]
+    assert seeds == [0, 1, 2, 3, 4, 5]  # runs on seeds 0, 1 and 2 share no network
+    assert {train.ensemble_member(pair, index).time_budget_minutes for index in (0, 1)} == {5.0}
+    assert train.ensemble_member(dataclasses.replace(pair, time_budget_minutes=None), 1).time_budget_minutes is None
+    assert train.ensemble_member(tiny_train, 0) == tiny_train  # one network: the params as they are
+
+
+class InterruptInSecondMember(train.EpochCheckpoint):
+    """Stops the run with a Ctrl-C after the second network's first epoch is checkpointed."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if self.member == 2:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_an_ensemble_trains_its_networks_in_turn_resumes_where_it_stopped_and_saves_their_mean(
+    project_with, tiny_train, monkeypatch
+):
+    recipe = dataclasses.replace(tiny_train, ensemble=2, seed=1)  # its networks: seeds 2 and 3
+    paths = ProjectPaths(project_with("prepared_dir", name="ensemble"))
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "EpochCheckpoint", InterruptInSecondMember)
+        with pytest.raises(KeyboardInterrupt):
+            train.run(recipe, paths)
+    assert (paths.checkpoint_dir / "member-1" / "member.keras").is_file() and not paths.model_file.exists()
+    trained = []  # the networks that train in the resumed run
+    fit = train._fit
+    monkeypatch.setattr(train, "_fit", lambda *args: trained.append(args[9]) or fit(*args))
+    summary = train.run(recipe, paths)
+    assert trained == [2]  # the first network was kept, the second continued from its checkpoint
+    assert [member["seed"] for member in summary["members"]] == [2, 3]
+    assert [(row["member"], row["epoch"]) for row in summary["epochs"]] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert summary["ensemble"] == 2 and summary["epochs_done"] == 4 and summary["stop_reason"] == "epochs"
+    assert summary["train_seconds"] == pytest.approx(sum(member["train_seconds"] for member in summary["members"]))
+    live = json.loads(paths.live_metrics_file.read_text())
+    assert live["epochs_done"] == 4 and live["step"] == 3  # dvclive's curve holds both networks' epochs
+    assert evaluate.epoch_positions(summary) == ([1.0, 2.0, 3.0, 4.0], False)
+    assert [path.name for path in paths.checkpoint_dir.iterdir()] == ["README.txt"]  # finished: nothing to resume
+
+    # Each network is the one its seed trains alone (resumed or not), and the saved model averages their logits.
+    images_uint8, _ = read_arrays(paths.prepared_dir, "test")
+    alone = []
+    for seed in (2, 3):
+        single = ProjectPaths(project_with("prepared_dir", name=f"seed-{seed}"))
+        train.run(dataclasses.replace(tiny_train, seed=seed), single)
+        alone.append(load_model(single.model_file).predict(images_uint8, verbose=0))
+    assert not np.allclose(alone[0], alone[1])
+    ensemble = load_model(paths.model_file)
+    np.testing.assert_allclose(ensemble.predict(images_uint8, verbose=0), np.mean(alone, axis=0), rtol=1e-4, atol=1e-4)
+    metrics = evaluate.run(EvaluateParams(batch_size=64, tta_flip=True, tta_translate=1, sample_images=4), paths)
+    assert metrics["num_examples"] == 200 and (paths.plots_dir / "training_curves.png").stat().st_size > 0
