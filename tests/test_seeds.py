@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
 
-from tools.seeds import anchored, format_table, queue_progress, runs_of, summarize
+from tools import seeds
+from tools.seeds import anchored, format_table, queue_progress, runs_of, summarize, without_test
 
 
 def experiment(name: str, accuracy: float | None, val_accuracy: float = 0.8, seconds: float = 100.0) -> dict:
@@ -64,6 +66,18 @@ def test_table_shows_val_unless_the_test_is_asked_for():
     assert "88.00% ± 2.83" in with_test and "test accuracy" in with_test
     single = format_table(summarize(runs_of(exp_show(experiment("c-s3", 0.9, 0.75)))))
     assert "| c | 3 | 75.00% |" in single
+    hidden = without_test(summary)  # what `show --json` prints without --test
+    assert set(summary["a"]) - set(hidden["a"]) == {"test accuracy", "test one view", "test top-5"}
+
+
+def test_show_as_json_holds_the_test_only_when_asked_for(monkeypatch, capsys):
+    summary = summarize(runs_of(exp_show(experiment("a-s0", 0.90, 0.80))))
+    monkeypatch.setattr(seeds, "show", lambda root, names: summary)
+    for argv, has_test in ((["show", "--json"], False), (["show", "--json", "--test"], True)):
+        assert seeds.main(argv) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["a"]["val accuracy"]["mean"] == pytest.approx(0.80)
+        assert ("test accuracy" in printed["a"]) is has_test
 
 
 def test_a_relative_dataset_directory_is_made_absolute_for_the_queue_and_hub_ids_are_left_alone(tmp_path):

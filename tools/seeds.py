@@ -123,6 +123,11 @@ def summarize(runs: list[Run]) -> dict[str, dict]:
     return summary
 
 
+def without_test(summary: dict[str, dict]) -> dict[str, dict]:
+    """``summary`` without its test columns: what ``show`` prints, as a table or JSON, unless ``--test``."""
+    return {recipe: {key: value for key, value in row.items() if key not in TEST_COLUMNS} for recipe, row in summary.items()}
+
+
 def format_table(summary: dict[str, dict], with_test: bool = False) -> str:
     """A Markdown table: one row per recipe, each cell ``mean ± std`` (accuracies in %); the test
     columns only ``with_test``."""
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = commands.add_parser("show", help="mean ± std per recipe over its seeds")
     shown.add_argument("names", nargs="*", help="recipes to show (default: every NAME-s<seed> experiment)")
     shown.add_argument("--test", action="store_true", help="also the test columns (once a recipe is final)")
-    shown.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table (all columns)")
+    shown.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table (the same columns)")
     args = parser.parse_args(argv)
     try:
         if args.command == "queue":
@@ -248,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(format_table(show(args.root, [args.name])))  # val only: read the test once, when final
             return 0
         summary = show(args.root, args.names)
-        print(json.dumps(summary, indent=2) if args.json else format_table(summary, args.test))
+        # JSON too holds the test only with --test: a script's output is read as surely as a table.
+        if args.json:
+            print(json.dumps(summary if args.test else without_test(summary), indent=2))
+        else:
+            print(format_table(summary, args.test))
         return 0
     except SeedsError as error:
         print(f"error: seeds: {error}", file=sys.stderr)
