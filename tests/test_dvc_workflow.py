@@ -107,7 +107,7 @@ def test_experiments_run_queue_and_show_over_seeds(repo):
     queued = run_module("tools.seeds", *arguments, cwd=repo, timeout=900)
     assert queued.returncode == 0, queued.stderr[-3000:]
     assert "| slow-rate | 0, 1 |" in queued.stdout and "test accuracy" not in queued.stdout  # val only
-    shown = run_module("tools.seeds", "show", "--json", cwd=repo)
+    shown = run_module("tools.seeds", "show", "--json", "--test", cwd=repo)
     assert shown.returncode == 0, shown.stderr[-3000:]
     summary = json.loads(shown.stdout)
     assert set(summary) == {"slow-rate"}  # "one-epoch" has no seed suffix
@@ -136,7 +136,7 @@ def test_a_repeated_recipe_comes_from_the_run_cache_unless_forced(repo):
     forced = dvc(repo, "queue", "logs", f"forced-s{seed}")
     assert stages_run(again) == set()  # skipped as unchanged or restored as cached: no stage ran
     assert stages_run(forced) == ALL_STAGES
-    summary = json.loads(seeds(repo, "show", "again", "forced", "--json").stdout)
+    summary = json.loads(seeds(repo, "show", "again", "forced", "--json", "--test").stdout)
     assert summary["again"]["train seconds"]["mean"] == trained_seconds  # the old run's, restored
     assert summary["forced"]["test accuracy"]["mean"] == metrics(repo)["accuracy"]  # same seed, same result
     dvc(repo, "queue", "stop", check=False)
@@ -249,7 +249,7 @@ def test_two_machines_split_a_seed_sweep_and_share_it_through_git_and_dvc_remote
 
     a = machines["a"]
     dvc(a, "exp", "pull", "origin", "sweep-s1")  # machine b's run, with its outputs from the DVC remote
-    summary = json.loads(seeds(a, "show", "--json").stdout)
+    summary = json.loads(seeds(a, "show", "--json", "--test").stdout)
     assert summary["sweep"]["seeds"] == [0, 1]
     rows = {row["name"]: row for row in exp_rows(a)}
     accuracies = [rows[f"sweep-s{seed}"]["metrics"]["accuracy"] for seed in (0, 1)]
