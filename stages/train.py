@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from cifar100_dvc import hardware
 from cifar100_dvc.common import StageError, atomic_output, raise_if_interrupted, remove_path, run_main
+from cifar100_dvc.inference import load_model
 from cifar100_dvc.network import build_network, ensemble_of, float32_model
 from cifar100_dvc.params import TrainParams, load_params, to_dict
 from cifar100_dvc.paths import ProjectPaths
@@ -256,7 +257,7 @@ def _finished_member(directory: Path, run_fingerprint: str) -> tuple[keras.Model
         return None
     if state.get("fingerprint") != run_fingerprint or not (directory / _MEMBER_MODEL).is_file():
         return None
-    return keras.models.load_model(directory / _MEMBER_MODEL, compile=False, safe_mode=True), state["summary"]
+    return load_model(directory / _MEMBER_MODEL), state["summary"]  # evaluate's loader: safe mode, checked
 
 
 def _ensemble_summary(params: TrainParams, members: list[dict]) -> dict:
