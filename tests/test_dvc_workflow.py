@@ -49,7 +49,7 @@ def test_repro_runs_everything_once_then_only_what_changed(reproduced_repo, repo
         "cifar100_dvc/network.py": {"train", "evaluate", "export"},
         "cifar100_dvc/augment.py": {"train"},
         "cifar100_dvc/training.py": {"train"},
-        "cifar100_dvc/inference.py": {"evaluate", "export"},
+        "cifar100_dvc/inference.py": {"train", "evaluate", "export"},
         "stages/export.py": {"export"},
         "stages/evaluate.py": {"evaluate"},
         "cifar100_dvc/common.py": ALL_STAGES,
