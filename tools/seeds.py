@@ -253,11 +253,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(format_table(show(args.root, [args.name])))  # val only: read the test once, when final
             return 0
         summary = show(args.root, args.names)
-        # JSON too holds the test only with --test: a script's output is read as surely as a table.
-        if args.json:
-            print(json.dumps(summary if args.test else without_test(summary), indent=2))
-        else:
-            print(format_table(summary, args.test))
+        # The test only with --test, in either form: a script's JSON is read as surely as a table.
+        if not args.test:
+            summary = without_test(summary)
+        print(json.dumps(summary, indent=2) if args.json else format_table(summary, args.test))
         return 0
     except SeedsError as error:
         print(f"error: seeds: {error}", file=sys.stderr)
