@@ -1,4 +1,4 @@
-"""Pure, stateless batch augmentations in TensorFlow: random crop from a padded image, flip.
+"""Pure, stateless batch augmentations in TensorFlow: random crop from a padded image, flip, cutout.
 
 The padding is black (zeros) or the image reflected at its edge (airbench's choice: no
 artificial edge for the first layer, which matters most with the whitening stem).
@@ -63,6 +63,24 @@ def crop_and_flip(images: tf.Tensor, seed: tf.Tensor, padding: int, fill: str = 
 def crop_and_mirror(images: tf.Tensor, seed: tf.Tensor, padding: int, mirrored: tf.Tensor, fill: str = "reflect") -> tf.Tensor:
     """Random crop as ``random_crop``, each image mirrored where ``mirrored`` [B] says (see ``alternating_flips``)."""
     return _window(images, padding, _offsets(tf.shape(images)[0], seed, padding), mirrored, fill)
+
+
+def cutout(images: tf.Tensor, seed: tf.Tensor, size: int, fill: tf.Tensor) -> tf.Tensor:
+    """airbench96's cutout: in each image of [B, H, W, C], one ``size`` x ``size`` square, placed
+    uniformly at random wholly inside the image, set to ``fill`` [C] (the train split's mean colour:
+    what airbench's zeros on normalized images are before normalization). ``size`` 0: unchanged."""
+    if size == 0:
+        return images
+    shape = tf.shape(images)
+    row_seed, column_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+
+    def covered(seed: tf.Tensor, length: tf.Tensor) -> tf.Tensor:  # [B, length]: inside each image's square
+        start = tf.random.stateless_uniform([shape[0]], seed=seed, minval=0, maxval=length - size + 1, dtype=tf.int32)
+        distance = tf.range(length)[None, :] - start[:, None]
+        return (distance >= 0) & (distance < size)
+
+    square = covered(row_seed, shape[1])[:, :, None, None] & covered(column_seed, shape[2])[:, None, :, None]
+    return tf.where(square, tf.cast(fill, images.dtype), images)
 
 
 def alternating_flips(example_ids: tf.Tensor, stream_positions: tf.Tensor, base_flips: tf.Tensor, num_examples: int) -> tf.Tensor:

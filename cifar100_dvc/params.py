@@ -155,6 +155,12 @@ class AirbenchParams:
         "both); random: each image flipped with probability 1/2 every time",
     )
     translate: int = _param(2, "pixels of random translation, the uncovered edge reflected; 0: none", ge=0)
+    cutout: int = _param(
+        0,
+        "side in pixels of one square per train image, at a random place inside it, set to the mean colour (airbench96: "
+        "12, for its long runs); 0: none",
+        ge=0,
+    )
     head_init_std: float | None = _param(
         1.0,
         "the linear head's initial weights drawn uniformly with this standard deviation (airbench94_muon: 1, with "

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from cifar100_dvc import hardware
-from cifar100_dvc.augment import alternating_flips, crop_and_flip, crop_and_mirror
+from cifar100_dvc.augment import alternating_flips, crop_and_flip, crop_and_mirror, cutout
 from cifar100_dvc.network import WHITENING_BIAS_LAYER, InputSpec, patch_whitening_kernel
 from cifar100_dvc.params import AirbenchParams, TrainParams, check_optimizer
 from cifar100_dvc.records import DatasetInfo, read_arrays
@@ -601,14 +601,16 @@ def make_strategy(distribute: str) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-def augmenter(params: TrainParams, num_train: int):
-    """The batch augmentation of ``params``, seeded by (train.seed, the batch's position in the stream):
-    ``transform(images, position, example_ids)`` for ``read_split``.
+def augmenter(params: TrainParams, info: DatasetInfo):
+    """The batch augmentation of ``params`` for the train split ``info`` describes, seeded by
+    (train.seed, the batch's position in the stream): ``transform(images, position, example_ids)``
+    for ``read_split``.
 
     resnet and baseline: crop from a padded image (``crop_padding``, ``crop_fill``) and a coin flip.
     airbench: translation by up to ``translate`` pixels, the edge reflected, and its ``flip``:
     ``alternating`` (``alternating_flips``; the base orientations drawn once from the seed, for all
-    ``num_train`` examples) or ``random``.
+    the split's examples) or ``random``; then, where ``cutout`` is set, a square of the split's mean
+    colour (its randomness folded in apart, so that the other draws stay those of a run without it).
     """
     if params.arch != "airbench":
 
@@ -619,18 +621,22 @@ def augmenter(params: TrainParams, num_train: int):
         return augment
 
     config = params.airbench
+    num_train = info.splits["train"].num_examples
     base_flips = tf.random.stateless_uniform([num_train], seed=[params.seed, 1]) < 0.5
+    mean_colour = tf.constant(np.round(info.mean_rgb), tf.uint8)
 
     def augment_airbench(images: tf.Tensor, position: tf.Tensor, example_ids: tf.Tensor) -> tf.Tensor:
-        crop_seed, flip_seed = tf.unstack(
-            tf.random.experimental.stateless_split(tf.stack([tf.constant(params.seed, tf.int64), position]), num=2)
-        )
+        batch_seed = tf.stack([tf.constant(params.seed, tf.int64), position])
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(batch_seed, num=2))
         if config.flip == "alternating":  # whole batches (drop_remainder): image j is example position * batch + j
             stream_positions = position * params.batch_size + tf.range(tf.shape(images)[0], dtype=tf.int64)
             mirrored = alternating_flips(example_ids, stream_positions, base_flips, num_train)
         else:
             mirrored = tf.random.stateless_uniform([tf.shape(images)[0]], seed=flip_seed) < 0.5
-        return crop_and_mirror(images, crop_seed, config.translate, mirrored, fill="reflect")
+        images = crop_and_mirror(images, crop_seed, config.translate, mirrored, fill="reflect")
+        if config.cutout:
+            images = cutout(images, tf.random.experimental.stateless_fold_in(batch_seed, 3), config.cutout, mean_colour)
+        return images
 
     return augment_airbench
 

@@ -172,7 +172,7 @@ def run(params: TrainParams, paths: ProjectPaths) -> dict:
     atomically, and return the history summary."""
     info = DatasetInfo.read(paths.prepared_dir)
     steps_per_epoch = _steps_per_epoch(params, info, paths)
-    _check_crop(params, info, paths)
+    _check_augmentation(params, info, paths)
     settings = device_settings_here(params)
     machine = hardware.machine_report()
     log.info("machine: %s", machine.describe())
@@ -297,17 +297,24 @@ def _steps_per_epoch(params: TrainParams, info: DatasetInfo, paths: ProjectPaths
     return num_train // params.batch_size
 
 
-def _check_crop(params: TrainParams, info: DatasetInfo, paths: ProjectPaths) -> None:
-    """A reflected border must come from inside the image: refuse, before any training, a padding
-    TensorFlow's reflect would fail on mid-run (params alone cannot know the image size)."""
+def _check_augmentation(params: TrainParams, info: DatasetInfo, paths: ProjectPaths) -> None:
+    """Refuse, before any training, what params alone cannot know is too large for the images: a
+    reflected border must come from inside the image (TensorFlow's reflect would fail mid-run), and
+    a cutout square must fit inside it."""
     height, width = info.image_shape[:2]
+    if not params.augment:
+        return
+    if params.arch == "airbench" and params.airbench.cutout > min(height, width):
+        raise StageError(
+            f"train.airbench.cutout={params.airbench.cutout} must be at most the {height}x{width} images in {paths.prepared_dir}"
+        )
     if params.arch == "airbench":
         key, padding = "train.airbench.translate", params.airbench.translate
     elif params.crop_fill == "reflect":
         key, padding = "train.crop_padding", params.crop_padding
     else:
         return
-    if params.augment and padding >= min(height, width):
+    if padding >= min(height, width):
         fill = "" if params.arch == "airbench" else " with train.crop_fill=reflect"
         raise StageError(f"{key}={padding}{fill} must be below the {height}x{width} images in {paths.prepared_dir}")
 
@@ -339,7 +346,7 @@ def _fit(model, params, info, paths, directory, steps_per_epoch, history, clock,
         repeat=True,
         drop_remainder=True,
         skip_batches=initial_epoch * steps_per_epoch,
-        batch_transform=augmenter(params, info.splits["train"].num_examples) if params.augment else None,
+        batch_transform=augmenter(params, info) if params.augment else None,
     )
     val_batches = read_split(paths.prepared_dir, "val", params.batch_size) if info.splits["val"].num_examples else None
 

@@ -419,7 +419,8 @@ def test_alternating_flips_show_each_image_both_ways_over_two_passes():
 def test_the_airbench_reader_mirrors_every_train_image_once_in_two_epochs(prepared_paths):
     # translate 0: the only change is the flip, so each augmented image is its stored self or its mirror.
     params = dataclasses.replace(TINY_AIRBENCH, batch_size=30, airbench=dataclasses.replace(TINY_AIRBENCH.airbench, translate=0))
-    num_train = DatasetInfo.read(prepared_paths.prepared_dir).splits["train"].num_examples  # 540: 18 batches a pass
+    info = DatasetInfo.read(prepared_paths.prepared_dir)
+    num_train = info.splits["train"].num_examples  # 540: 18 batches a pass
     stored, _ = read_arrays(prepared_paths.prepared_dir, "train")
     index = {image.tobytes(): i for i, image in enumerate(stored)}
     batches = read_split(
@@ -429,7 +430,7 @@ def test_the_airbench_reader_mirrors_every_train_image_once_in_two_epochs(prepar
         shuffle_seed=0,
         repeat=True,
         drop_remainder=True,
-        batch_transform=training.augmenter(params, num_train),
+        batch_transform=training.augmenter(params, info),
     )
     orientations: dict[int, list[bool]] = {}
     for images, _ in batches.take(2 * num_train // 30):
@@ -441,6 +442,21 @@ def test_the_airbench_reader_mirrors_every_train_image_once_in_two_epochs(prepar
     assert len(orientations) == num_train
     assert all(sorted(seen) == [False, True] for seen in orientations.values())
     assert 0.3 < np.mean([seen[0] for seen in orientations.values()]) < 0.7  # the first orientation is a coin
+
+
+def test_the_airbench_augmenter_cuts_one_square_of_the_mean_colour_and_keeps_its_other_draws(prepared_paths):
+    info = DatasetInfo.read(prepared_paths.prepared_dir)
+    images, _ = read_arrays(prepared_paths.prepared_dir, "train", limit=60)
+    images = np.where(images == np.round(info.mean_rgb).astype(np.uint8), images + 1, images)  # no pixel already the fill
+    ids = tf.range(60, dtype=tf.int64)
+    without = training.augmenter(TINY_AIRBENCH, info)(tf.constant(images), tf.constant(4, tf.int64), ids).numpy()
+    params = dataclasses.replace(TINY_AIRBENCH, airbench=dataclasses.replace(TINY_AIRBENCH.airbench, cutout=5))
+    with_cutout = training.augmenter(params, info)(tf.constant(images), tf.constant(4, tf.int64), ids).numpy()
+    for plain, cut in zip(without, with_cutout):
+        changed = np.argwhere((plain != cut).any(axis=-1))
+        top, left = changed.min(axis=0)
+        assert len(changed) == 25 and (changed.max(axis=0) - (top, left) == 4).all()  # translation and flip unchanged
+        np.testing.assert_array_equal(cut[top : top + 5, left : left + 5], np.broadcast_to(np.round(info.mean_rgb), (5, 5, 3)))
 
 
 # ---------------------------------------------------------------- the train stage

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cifar100_dvc.augment import crop_and_flip, random_crop, random_flip
+from cifar100_dvc.augment import crop_and_flip, cutout, random_crop, random_flip
 from cifar100_dvc.network import (
     ARCHITECTURES,
     FusedBatchNormalization,
@@ -198,6 +198,29 @@ def test_crop_without_padding_returns_the_images_unchanged():
     for step in range(5):
         cropped = random_crop(tf.constant(images), tf.constant([step, 3], tf.int64), padding=0).numpy()
         np.testing.assert_array_equal(cropped, images)
+
+
+@pytest.mark.parametrize("size", [1, 3, 8])
+def test_cutout_sets_one_square_of_its_size_wholly_inside_each_image_to_the_fill(size):
+    images = np.random.default_rng(3).integers(1, 200, (256, 8, 8, 3), dtype=np.uint8)  # never the fill's 250
+    fill = tf.constant([250, 251, 252], tf.uint8)
+    corners = set()
+    for step in range(3):
+        out = cutout(tf.constant(images), tf.constant([step, 5], tf.int64), size, fill).numpy()
+        for image, result in zip(images, out):
+            changed = np.argwhere((result != image).any(axis=-1))
+            top, left = changed.min(axis=0)
+            assert len(changed) == size * size and (changed.max(axis=0) - (top, left) == size - 1).all()  # one square
+            square = result[top : top + size, left : left + size]
+            np.testing.assert_array_equal(square, np.broadcast_to([250, 251, 252], (size, size, 3)))
+            corners.add((top, left))
+    assert corners == {(r, c) for r in range(9 - size) for c in range(9 - size)}  # every placement inside, none outside
+
+
+def test_cutout_of_size_0_leaves_the_images_unchanged():
+    images = np.random.default_rng(3).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    out = cutout(tf.constant(images), tf.constant([0, 5], tf.int64), 0, tf.constant([0, 0, 0], tf.uint8)).numpy()
+    np.testing.assert_array_equal(out, images)
 
 
 def test_whitening_kernel_decorrelates_the_patches_it_was_computed_on():

@@ -16,6 +16,7 @@ from cifar100_dvc.inference import load_model, predict_probabilities
 from cifar100_dvc.params import EvaluateParams, TrainParams
 from cifar100_dvc.paths import REPO_ROOT, ProjectPaths
 from cifar100_dvc.records import DatasetInfo, read_arrays
+from cifar100_dvc.scratch import TINY_AIRBENCH
 from cifar100_dvc.synthetic import COARSE_NAMES
 from stages import evaluate, train
 
@@ -188,6 +189,16 @@ def test_reflected_crop_padding_as_large_as_the_image_is_refused_before_training
     image_size = DatasetInfo.read(paths.prepared_dir).image_shape[0]
     with pytest.raises(StageError, match=f"train.crop_padding={image_size} with train.crop_fill=reflect must be below"):
         train.run(dataclasses.replace(tiny_train, crop_fill="reflect", crop_padding=image_size), paths)
+    assert not paths.model_file.exists()
+
+
+def test_a_cutout_larger_than_the_image_is_refused_before_training(prepared):
+    paths = prepared
+    image_size = DatasetInfo.read(paths.prepared_dir).image_shape[0]
+    params = dataclasses.replace(TINY_AIRBENCH, airbench=dataclasses.replace(TINY_AIRBENCH.airbench, cutout=image_size + 1))
+    expected = f"train.airbench.cutout={image_size + 1} must be at most the {image_size}x{image_size} images"
+    with pytest.raises(StageError, match=expected):
+        train.run(params, paths)
     assert not paths.model_file.exists()
 
 

@@ -253,7 +253,7 @@ def train_reader(work: Workload, settings: TrainParams, augment: bool):
         shuffle_buffer=settings.shuffle_buffer,
         repeat=True,
         drop_remainder=True,
-        batch_transform=training.augmenter(settings, work.num_train) if augment else None,
+        batch_transform=training.augmenter(settings, work.info) if augment else None,
     )
 
 
