@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import yaml
+from ruamel.yaml import YAML
 
 from cifar100_dvc.paths import REPO_ROOT
 
@@ -93,6 +94,12 @@ def settings(command: list[str]) -> list[str]:
     return [command[i + 1] for i, word in enumerate(command[:-1]) if word in ("-S", "--set-param")]
 
 
+def yaml_12(text: str):
+    """``text`` read as the stages read what ``dvc exp run -S`` writes into params.yaml: YAML 1.2, as
+    ``load_params`` does (``off`` stays a string, where PyYAML's YAML 1.1 reads False)."""
+    return YAML(typ="safe", pure=True).load(text)
+
+
 @pytest.mark.parametrize(("page", "line"), DOC_COMMANDS)
 def test_every_set_param_names_a_real_key_with_an_accepted_value(page, line):
     """A command's settings are checked together, on top of its --recipe when it names one: each
@@ -106,8 +113,9 @@ def test_every_set_param_names_a_real_key_with_an_accepted_value(page, line):
     for setting in settings(words):
         key, _, value = setting.partition("=")
         if "$" in value:  # a shell variable: only the key can be checked
-            value = yaml.safe_dump(flat_keys(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()))[key])
-        overrides[key] = yaml.safe_load(value)
+            overrides[key] = flat_keys(yaml_12((REPO_ROOT / "params.yaml").read_text()))[key]
+        else:
+            overrides[key] = yaml_12(value)
     with_overrides(defaults, overrides)  # raises on an unknown key or a bad value
 
 
