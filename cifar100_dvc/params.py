@@ -276,15 +276,19 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
 
 
-def load_params(path: Path) -> Params:
-    """Read ``params.yaml`` as DVC reads it and validate it; raise StageError naming the first bad key.
+def read_yaml(text: str) -> Any:
+    """``text`` read as DVC reads params.yaml: ruamel.yaml (DVC's own parser) in YAML 1.2, so a
+    hand-typed ``1e-3`` is a number (PyYAML's YAML 1.1 reads a string) and ``yes`` or ``off`` is a
+    string (PyYAML reads a bool); a key given twice raises DuplicateKeyError."""
+    return YAML(typ="safe", pure=True).load(text)
 
-    ruamel.yaml (DVC's own parser) in YAML 1.2, so the stages see the values DVC records: a
-    hand-typed ``1e-3`` is a number (PyYAML's YAML 1.1 reads a string), ``yes`` is a string;
-    a key given twice is refused rather than the last one silently winning.
+
+def load_params(path: Path) -> Params:
+    """Read ``params.yaml`` as DVC reads it (``read_yaml``) and validate it; raise StageError naming
+    the first bad key. A key given twice is refused rather than the last one silently winning.
     """
     try:
-        raw = YAML(typ="safe", pure=True).load(path.read_text())
+        raw = read_yaml(path.read_text())
     except FileNotFoundError:
         raise StageError(f"{path}: params file not found") from None
     except DuplicateKeyError as error:

@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import yaml
-from ruamel.yaml import YAML
 
 from cifar100_dvc.paths import REPO_ROOT
 
@@ -94,17 +93,11 @@ def settings(command: list[str]) -> list[str]:
     return [command[i + 1] for i, word in enumerate(command[:-1]) if word in ("-S", "--set-param")]
 
 
-def yaml_12(text: str):
-    """``text`` read as the stages read what ``dvc exp run -S`` writes into params.yaml: YAML 1.2, as
-    ``load_params`` does (``off`` stays a string, where PyYAML's YAML 1.1 reads False)."""
-    return YAML(typ="safe", pure=True).load(text)
-
-
 @pytest.mark.parametrize(("page", "line"), DOC_COMMANDS)
 def test_every_set_param_names_a_real_key_with_an_accepted_value(page, line):
     """A command's settings are checked together, on top of its --recipe when it names one: each
     alone may be refused where the set is consistent (optimizer=adam with weight_decay=0)."""
-    from cifar100_dvc.params import load_params
+    from cifar100_dvc.params import load_params, read_yaml, to_dict
     from cifar100_dvc.recipes import RECIPES, with_overrides
 
     defaults = load_params(REPO_ROOT / "params.yaml")
@@ -113,9 +106,9 @@ def test_every_set_param_names_a_real_key_with_an_accepted_value(page, line):
     for setting in settings(words):
         key, _, value = setting.partition("=")
         if "$" in value:  # a shell variable: only the key can be checked
-            overrides[key] = flat_keys(yaml_12((REPO_ROOT / "params.yaml").read_text()))[key]
+            overrides[key] = flat_keys(to_dict(defaults))[key]
         else:
-            overrides[key] = yaml_12(value)
+            overrides[key] = read_yaml(value)  # as the stages read what dvc writes into params.yaml
     with_overrides(defaults, overrides)  # raises on an unknown key or a bad value
 
 
