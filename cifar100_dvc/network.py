@@ -394,10 +394,12 @@ def keras_gelu(name: str) -> layers.Layer:
     return layers.Activation("gelu", name=name)
 
 
-def _airbench_block(x, filters: int, name: str, batchnorm: dict, batch_norm: type, activation):
+def _airbench_block(x, filters: int, name: str, batchnorm: dict, batch_norm: type, activation, depth: int = 2):
     """airbench's ConvGroup: conv3x3 -> maxpool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU; convolutions
-    without bias, PyTorch's default init with the identity on their first filters (dirac)."""
-    for index in (1, 2):
+    without bias, PyTorch's default init with the identity on their first filters (dirac). Depth 3 is
+    airbench96's: then -> conv3x3 -> BN, plus the first GELU's output (a residual), -> GELU."""
+    shortcut = None
+    for index in range(1, depth + 1):
         x = layers.Conv2D(
             filters,
             3,
@@ -409,7 +411,11 @@ def _airbench_block(x, filters: int, name: str, batchnorm: dict, batch_norm: typ
         if index == 1:
             x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
         x = batch_norm(**batchnorm, name=f"{name}_bn{index}")(x)
+        if index == 3:
+            x = layers.Add(name=f"{name}_residual")([x, shortcut])
         x = activation(name=f"{name}_gelu{index}")(x)
+        if index == 1:
+            shortcut = x
     return x
 
 
@@ -424,7 +430,7 @@ def build_airbench(
 
     A frozen 2x2 patch-whitening convolution (no padding, 2 * 4C channels, its kernel from
     ``patch_whitening_kernel``; None: zeros, for weights loaded afterwards) plus a learned
-    per-channel bias, then GELU; three blocks (``_airbench_block``); a max over what is left
+    per-channel bias, then GELU; three blocks (``_airbench_block``, ``config.depth`` convolutions each); a max over what is left
     of the image (airbench's MaxPool2d(3) at 32x32); a bias-free linear layer (``head_initializer``) and the logits
     times ``config.output_scale``. BatchNorm has no learned scale unless ``config.batchnorm_scale``.
     ``batch_norm=keras.layers.BatchNormalization`` and ``activation=keras_gelu`` give the same network
@@ -449,7 +455,7 @@ def build_airbench(
     x = activation(name="stem_gelu")(x)
     batchnorm = {"momentum": config.batchnorm_momentum, "epsilon": AIRBENCH_BATCHNORM_EPSILON, "scale": config.batchnorm_scale}
     for block, filters in enumerate(config.widths, start=1):
-        x = _airbench_block(x, filters, f"block{block}", batchnorm, batch_norm, activation)
+        x = _airbench_block(x, filters, f"block{block}", batchnorm, batch_norm, activation, config.depth)
     x = layers.GlobalMaxPooling2D(name="global_pool")(x)
     # float32 logits even under a mixed-precision policy: softmax/loss need the range.
     head = head_initializer(config.head_init_std)

@@ -95,6 +95,13 @@ class AirbenchParams:
     widths: tuple[int, ...] = _param(
         (64, 128, 128), "channels of the three conv blocks (airbench94: 64, 256, 256; CIFAR-100 speedruns go wider)"
     )
+    depth: int = _param(
+        2,
+        "convolutions per block: 2 (airbench93-95), or 3 (airbench96: a third conv3x3 + BN whose output adds "
+        "the block's first GELU output, a residual, before the last GELU)",
+        ge=2,
+        le=3,
+    )
     whiten_bias_epochs: int = _param(
         3, "epochs the whitening stem's bias trains before it is frozen (its kernel is always frozen: it is computed)", ge=0
     )

@@ -16,7 +16,15 @@ import tensorflow as tf
 from cifar100_dvc import training
 from cifar100_dvc.augment import alternating_flips
 from cifar100_dvc.inference import load_model, predict_probabilities
-from cifar100_dvc.network import GELU, WHITENING_BIAS_LAYER, ChannelBias, FusedBatchNormalization, InputSpec, build_network
+from cifar100_dvc.network import (
+    GELU,
+    WHITENING_BIAS_LAYER,
+    ChannelBias,
+    FusedBatchNormalization,
+    InputSpec,
+    build_network,
+    training_flops_per_image,
+)
 from cifar100_dvc.params import AirbenchParams, TrainParams
 from cifar100_dvc.paths import ProjectPaths
 from cifar100_dvc.records import DatasetInfo, read_arrays, read_split
@@ -99,6 +107,31 @@ def test_airbench_widths_and_output_scale_are_parameters_and_the_model_reloads(t
     model.save(tmp_path / "airbench.keras")
     loaded = keras.models.load_model(tmp_path / "airbench.keras")
     np.testing.assert_allclose(loaded.predict(images_uint8, verbose=0), model.predict(images_uint8, verbose=0), atol=1e-6)
+
+
+def test_airbench_depth_3_is_airbench96_block_with_its_residual(tmp_path):
+    widths = (16, 32, 48)
+    two, three = airbench_model(10, widths=widths), airbench_model(10, widths=widths, depth=3)
+    # airbench96's ConvGroup adds to each block conv3 (bias-free, f x f x 3 x 3) and norm3 (a bias of f).
+    parameters = [sum(math.prod(w.shape) for w in model.trainable_weights) for model in (two, three)]
+    assert parameters[1] - parameters[0] == sum(9 * f * f + f for f in widths)
+    block = ["Conv2D", "MaxPooling2D", "FusedBatchNormalization", "GELU", "Conv2D", "FusedBatchNormalization", "GELU"]
+    kinds = [type(layer).__name__ for layer in three.layers if layer.name.startswith("block2_")]
+    assert kinds == [*block, "Conv2D", "FusedBatchNormalization", "Add", "GELU"]
+    assert three.get_layer("block2_conv3").kernel.numpy()[1, 1, np.arange(32), np.arange(32)].tolist() == [1.0] * 32  # dirac
+    # forward: the block ends in GELU(BN3(conv3(.)) + its first GELU's output)
+    outputs = ("block2_gelu1", "block2_bn3", "block2_residual", "block2_gelu3")
+    probe = keras.Model(three.input, [three.get_layer(name).output for name in outputs])
+    images_uint8 = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    first, third, residual, block_output = (np.asarray(t) for t in probe(images_uint8, training=False))
+    np.testing.assert_allclose(residual, first + third, atol=1e-5)
+    np.testing.assert_allclose(block_output, np.asarray(GELU()(residual)), atol=1e-5)
+    # the work: conv3's forward and both gradients, at each block's pooled size (15, 7, 3 from 31 x 31)
+    extra = sum(3 * 2 * 9 * f * f * size * size for f, size in zip(widths, (15, 7, 3)))
+    assert training_flops_per_image(three) - training_flops_per_image(two) == extra
+    three.save(tmp_path / "airbench96.keras")
+    loaded = keras.models.load_model(tmp_path / "airbench96.keras")
+    np.testing.assert_allclose(loaded.predict(images_uint8, verbose=0), three.predict(images_uint8, verbose=0), atol=1e-6)
 
 
 def test_airbench_head_starts_at_pytorch_default_or_at_the_given_std():

@@ -375,7 +375,8 @@ def project_recipes(params: Params, num_train: int) -> dict[str, TrainParams]:
 
 def recipe_label(settings: TrainParams) -> str:
     if settings.arch == "airbench":
-        return f"airbench {list(settings.airbench.widths)}"
+        depth = "" if settings.airbench.depth == 2 else f", depth {settings.airbench.depth}"
+        return f"airbench {list(settings.airbench.widths)}{depth}"
     return f"resnet {list(settings.widths)}" if settings.arch == "resnet" else settings.arch
 
 
