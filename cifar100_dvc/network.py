@@ -425,6 +425,7 @@ def build_airbench(
     whitening_kernel: np.ndarray | None = None,
     batch_norm: type[layers.BatchNormalization] = FusedBatchNormalization,
     activation=GELU,
+    name: str = "airbench",
 ) -> keras.Model:
     """airbench93 (KellerJordan/cifar10-airbench, ``make_net93``), layer for layer, at ``config.widths``.
 
@@ -461,7 +462,7 @@ def build_airbench(
     head = head_initializer(config.head_init_std)
     x = layers.Dense(spec.num_classes, use_bias=False, kernel_initializer=head, dtype="float32", name="logits")(x)
     x = layers.Rescaling(config.output_scale, dtype="float32", name="logit_scale")(x)
-    return keras.Model(images_uint8, ClassNames(spec.class_names, dtype="float32", name="class_names")(x), name="airbench")
+    return keras.Model(images_uint8, ClassNames(spec.class_names, dtype="float32", name="class_names")(x), name=name)
 
 
 def head_initializer(std: float | None) -> keras.initializers.Initializer:

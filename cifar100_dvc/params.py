@@ -85,6 +85,31 @@ class MuonParams:
 
 
 @dataclass(frozen=True)
+class ProxyParams:
+    """airbench96_faster's data filtering (KellerJordan/cifar10-airbench): a small proxy network, trained
+    alongside on the same batches, scores every example, and the network trains only on the ``keep`` share of
+    each batch the proxy finds hardest (highest loss). The proxy's optimizer is airbench's Nesterov SGD (momentum
+    0.85, BatchNorm biases 64x), label smoothing 0.2, its rate rising from 0.2 to 1 over the first tenth of the
+    run then falling to 0, its whitening bias frozen; all as published."""
+
+    keep: float = _param(
+        1.0,
+        "share of each batch the network trains on, the examples the proxy finds hardest (airbench96_faster: 0.5, "
+        "from batches of 1,024); 1: no proxy, every example",
+        gt=0.0,
+        le=1.0,
+    )
+    widths: tuple[int, ...] = _param((32, 64, 64), "channels of the proxy's three conv blocks (airbench96_faster's)")
+    step_every: int = _param(
+        4, "the proxy takes an optimizer step (on its own hardest share) every this many steps; it scores every batch", ge=1
+    )
+    learning_rate: float = _param(
+        9.0, "the proxy's SGD rate per 1024 examples, in airbench's decoupled form (train.airbench.learning_rate)", gt=0.0
+    )
+    weight_decay: float = _param(0.012, "the proxy's weight decay per 1024 examples (train.airbench.weight_decay)", ge=0.0)
+
+
+@dataclass(frozen=True)
 class AirbenchParams:
     """airbench's network and optimizers (KellerJordan/cifar10-airbench), used when ``train.arch`` is
     airbench. The defaults are airbench93's network trained by airbench94_muon's optimizer and schedule
@@ -180,6 +205,7 @@ class AirbenchParams:
         "(train.airbench.muon); both follow the schedule_* triangle and lookahead's keys",
     )
     muon: MuonParams = field(default_factory=MuonParams)
+    proxy: ProxyParams = field(default_factory=ProxyParams)
 
 
 @dataclass(frozen=True)
@@ -329,6 +355,10 @@ def check_widths(train: TrainParams, source: str = "params") -> None:
     widths = train.airbench.widths if train.arch == "airbench" else train.widths
     if len(widths) != expected:
         raise StageError(f"{source}: '{key}' must list {expected} widths for {train.arch} ({meaning}), got {list(widths)}")
+    if train.arch == "airbench" and len(train.airbench.proxy.widths) != 3:
+        raise StageError(
+            f"{source}: 'train.airbench.proxy.widths' must list 3 widths (block 1, 2, 3), got {list(train.airbench.proxy.widths)}"
+        )
 
 
 def check_optimizer(train: TrainParams, source: str = "params") -> None:

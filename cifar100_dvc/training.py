@@ -10,6 +10,7 @@ policy, op determinism), each restoring what it changed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import tensorflow as tf
 
 from cifar100_dvc import hardware
 from cifar100_dvc.augment import alternating_flips, crop_and_flip, crop_and_mirror, cutout
-from cifar100_dvc.network import WHITENING_BIAS_LAYER, InputSpec, patch_whitening_kernel
+from cifar100_dvc.network import WHITENING_BIAS_LAYER, InputSpec, build_airbench, build_network, patch_whitening_kernel
 from cifar100_dvc.params import AirbenchParams, TrainParams, check_optimizer
 from cifar100_dvc.records import DatasetInfo, read_arrays
 
@@ -431,7 +432,8 @@ class DetachFrozenWhiteningBias(keras.callbacks.Callback):
         optimizer = self.model.optimizer
         if self._detached is not None or not isinstance(optimizer, AirbenchSGD) or not optimizer.whitening_bias_frozen():
             return
-        bias_layer = next((layer for layer in self.model.layers if layer.name == WHITENING_BIAS_LAYER), None)
+        layers = trained_network(self.model).layers  # not the proxy's: frozen from the start
+        bias_layer = next((layer for layer in layers if layer.name == WHITENING_BIAS_LAYER), None)
         if bias_layer is None or not bias_layer.trainable:
             return
         bias_layer.trainable = False
@@ -493,6 +495,141 @@ def make_airbench_optimizer(params: TrainParams, steps_per_epoch: int, budget_sp
     return AirbenchSGD(schedule, **shared)
 
 
+PROXY_LABEL_SMOOTHING = 0.2  # airbench96_faster's proxy: its loss, and the loss that ranks the examples
+PROXY_MOMENTUM, PROXY_BIAS_LR_SCALE = 0.85, 64.0  # its Nesterov SGD, as airbench93's
+PROXY_SCHEDULE = (0.2, 0.1, 0.0)  # its rate: 0.2 at the start, 1 at a tenth of the run, 0 at the end
+
+
+@keras.saving.register_keras_serializable(package="cifar100_dvc")
+class ProxyFiltered(keras.Model):
+    """airbench96_faster's data filtering around ``network``: at every step ``proxy`` (a small airbench)
+    scores the batch, and ``network`` trains only on the ``keep`` examples with the highest proxy loss.
+    The proxy trains alongside, on the same batches, every ``step_every``-th step on its own ``keep``
+    hardest. airbench96_faster trains its proxy through the whole run first, recording a mask per
+    batch, then the network on the same batch stream with those masks; each mask there comes from
+    the proxy as it stood at that step, so training the two in lockstep selects the same examples.
+
+    Losses are summed over the examples kept and divided by the whole batch, so every kept example
+    steps the weights as far as in a run without filtering (airbench96_faster's rates are per 1024
+    examples on the summed loss). Inference is ``network`` alone (``trained_network``); the proxy and
+    its optimizer (``proxy_optimizer``, set by ``compile_model``) live only in training checkpoints.
+    """
+
+    def __init__(self, network: keras.Model, proxy: keras.Model, keep: int, step_every: int, **kwargs):
+        super().__init__(**kwargs)
+        self.network, self.proxy, self.keep, self.step_every = network, proxy, keep, step_every
+        self.proxy_optimizer = None
+        self.built = True  # both networks are functional: built already, so a checkpoint loads into it at once
+
+    def call(self, inputs, training=False):
+        return self.network(inputs, training=training)
+
+    def hardest(self, images, labels):
+        """Indices of the ``keep`` examples of the batch with the highest proxy loss; on every
+        ``step_every``-th step (of the network's optimizer) the proxy also steps on them."""
+        batch = keras.ops.cast(keras.ops.shape(labels)[0], "float32")
+
+        def ranked(logits):
+            losses = smoothed_sparse_crossentropy(labels, logits, PROXY_LABEL_SMOOTHING)
+            return losses, tf.math.top_k(losses, self.keep).indices
+
+        def score_and_step():
+            variables = self.proxy.trainable_variables
+            with tf.GradientTape() as tape:
+                losses, hard = ranked(self.proxy(images, training=True))
+                loss = keras.ops.sum(keras.ops.take(losses, hard)) / batch
+            self.proxy_optimizer.apply(tape.gradient(self.proxy_optimizer.scale_loss(loss), variables), variables)
+            return hard
+
+        def score():
+            return ranked(self.proxy(images, training=True))[1]  # training mode: batch statistics, as airbench's
+
+        return tf.cond(self.optimizer.iterations % self.step_every == 0, score_and_step, score)
+
+    def train_step(self, data):
+        images, labels = data[:2]  # (images, labels[, sample weights]): the reader gives none
+        hard = self.hardest(images, labels)
+        batch = keras.ops.cast(keras.ops.shape(labels)[0], "float32")
+        images, labels = tf.gather(images, hard), tf.gather(labels, hard)
+        variables = self.network.trainable_variables
+        with tf.GradientTape() as tape:
+            logits = self.network(images, training=True)
+            loss = self.compute_loss(x=images, y=labels, y_pred=logits, training=True)  # the mean over the kept
+            scaled = self.optimizer.scale_loss(loss * (self.keep / batch))
+        self.optimizer.apply(tape.gradient(scaled, variables), variables)
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss)
+        return self.compute_metrics(images, labels, logits, sample_weight=None)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "network": keras.saving.serialize_keras_object(self.network),
+            "proxy": keras.saving.serialize_keras_object(self.proxy),
+            "keep": self.keep,
+            "step_every": self.step_every,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        network = keras.saving.deserialize_keras_object(config.pop("network"))
+        proxy = keras.saving.deserialize_keras_object(config.pop("proxy"))
+        return cls(network, proxy, **config)
+
+
+def trained_network(model: keras.Model) -> keras.Model:
+    """The network ``model`` trains: itself, or the one a ``ProxyFiltered`` filters the data for."""
+    return model.network if isinstance(model, ProxyFiltered) else model
+
+
+def proxy_config(config: AirbenchParams) -> AirbenchParams:
+    """airbench96_faster's proxy network: airbench at ``config.proxy.widths``, depth 2, PyTorch's head
+    init and logits / 9, BatchNorm at PyTorch's default momentum (0.1: Keras' 0.9)."""
+    return dataclasses.replace(
+        config, widths=config.proxy.widths, depth=2, head_init_std=None, output_scale=1 / 9, batchnorm_momentum=0.9
+    )
+
+
+def build_training_model(params: TrainParams, spec: InputSpec, kernel: np.ndarray | None) -> keras.Model:
+    """What ``fit`` trains: the network of ``params``, inside a ``ProxyFiltered`` when
+    ``train.airbench.proxy.keep`` is below 1."""
+    network = build_network(params, spec, kernel)
+    proxy = params.airbench.proxy
+    if params.arch != "airbench" or proxy.keep >= 1.0:
+        return network
+    proxy_network = build_airbench(spec, proxy_config(params.airbench), kernel, name="proxy")
+    proxy_network.get_layer(WHITENING_BIAS_LAYER).trainable = False  # airbench96_faster: frozen in the proxy
+    return ProxyFiltered(network, proxy_network, kept_per_batch(params), proxy.step_every, name="proxy_filtered")
+
+
+def kept_per_batch(params: TrainParams) -> int:
+    """Examples per batch the network trains on under data filtering (at least one)."""
+    return max(1, round(params.airbench.proxy.keep * params.batch_size))
+
+
+def make_proxy_optimizer(params: TrainParams, steps_per_epoch: int, budget_spent=None) -> AirbenchSGD:
+    """The proxy's optimizer: airbench's Nesterov SGD at ``train.airbench.proxy``'s rates, on the
+    schedule ``PROXY_SCHEDULE`` over the proxy's own steps (one every ``step_every``), compressed by
+    a time budget as the network's."""
+    proxy = params.airbench.proxy
+    rates = dataclasses.replace(
+        params.airbench, learning_rate=proxy.learning_rate, weight_decay=proxy.weight_decay, momentum=PROXY_MOMENTUM
+    )
+    learning_rate, l2 = airbench_rates(rates, params.batch_size)
+    total_steps = math.ceil(params.epochs * steps_per_epoch / proxy.step_every)
+    schedule = TriangleSchedule(learning_rate, total_steps, *PROXY_SCHEDULE, budget_spent)
+    return AirbenchSGD(
+        schedule,
+        momentum=PROXY_MOMENTUM,
+        l2=l2,
+        bias_lr_scale=PROXY_BIAS_LR_SCALE,
+        steps_per_epoch=steps_per_epoch,
+        name="proxy_sgd",
+    )
+
+
 def make_optimizer(params: TrainParams, steps_per_epoch: int, budget_spent=None) -> keras.optimizers.Optimizer:
     """The optimizer of ``params`` with its warm-up + decay learning-rate schedule (see WarmupSchedule).
 
@@ -534,8 +671,9 @@ def compile_model(
     budget_spent=None,
 ) -> None:
     optimizer = make_optimizer(params, steps_per_epoch, budget_spent)
+    network = trained_network(model)
     if isinstance(optimizer, AirbenchSGD):
-        optimizer.track_lookahead(model.weights)  # BatchNorm's running statistics are averaged too
+        optimizer.track_lookahead(network.weights)  # BatchNorm's running statistics are averaged too
     model.compile(
         optimizer=optimizer,
         loss=SmoothedSparseCrossentropy(params.label_smoothing),
@@ -546,6 +684,10 @@ def compile_model(
         jit_compile=jit_compile,
         steps_per_execution=steps_per_execution,
     )
+    if isinstance(model, ProxyFiltered):
+        model.proxy_optimizer = make_proxy_optimizer(params, steps_per_epoch, budget_spent)
+        model.proxy_optimizer.build(model.proxy.trainable_variables)  # before tracing: no variables made inside tf.cond
+        optimizer.build(network.trainable_variables)  # fit would build it on the proxy's weights too
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import tensorflow as tf
 from cifar100_dvc import hardware
 from cifar100_dvc.common import StageError, atomic_output, raise_if_interrupted, remove_path, run_main
 from cifar100_dvc.inference import load_model
-from cifar100_dvc.network import build_network, ensemble_of, float32_model
+from cifar100_dvc.network import ensemble_of, float32_model
 from cifar100_dvc.params import TrainParams, load_params, to_dict
 from cifar100_dvc.paths import ProjectPaths
 from cifar100_dvc.records import DatasetInfo, read_split
@@ -39,11 +39,13 @@ from cifar100_dvc.training import (
     AirbenchSGD,
     DetachFrozenWhiteningBias,
     augmenter,
+    build_training_model,
     compile_model,
     device_settings_here,
     input_spec,
     make_strategy,
     process_settings,
+    trained_network,
     whitening_kernel,
 )
 
@@ -324,11 +326,11 @@ def _build_or_resume(params, info, settings, strategy, steps_per_epoch, paths, d
     weights and optimizer state loaded into it when resuming."""
     with strategy.scope():
         budget_spent = keras.Variable(0.0, trainable=False, name="budget_spent") if params.time_budget_minutes else None
-        model = build_network(params, input_spec(info), whitening_kernel(params, info, paths.prepared_dir))
+        model = build_training_model(params, input_spec(info), whitening_kernel(params, info, paths.prepared_dir))
         compile_model(model, params, steps_per_epoch, settings.jit_compile, settings.steps_per_execution, budget_spent)
         if state:
             log.info("resuming from %s after epoch %d of %d", directory, state["epoch"], params.epochs)
-            model.optimizer.build(model.trainable_variables)  # its slots must exist to be loaded into
+            model.optimizer.build(trained_network(model).trainable_variables)  # its slots must exist to be loaded into
             model.load_weights(directory / state["weights"])
     return model, budget_spent
 
@@ -413,7 +415,7 @@ def _summary(params, model, settings, machine, steps_per_epoch, history, clock) 
         "time_budget_minutes": params.time_budget_minutes,
         "train_seconds": history[-1]["seconds"] if history else 0.0,
         "final_learning_rate": float(model.optimizer.learning_rate),
-        "trainable_parameters": int(sum(math.prod(w.shape) for w in model.trainable_weights)),
+        "trainable_parameters": int(sum(math.prod(w.shape) for w in trained_network(model).trainable_weights)),
         "device": settings.__dict__,
         "machine": machine.__dict__,
         "epochs": history,
@@ -423,7 +425,7 @@ def _summary(params, model, settings, machine, steps_per_epoch, history, clock) 
 def _inference_model(model: keras.Model, strategy: tf.distribute.Strategy) -> keras.Model:
     """What is saved: the trained network for inference, small (no optimizer) and in float32 (``float32_model``)."""
     with strategy.scope():
-        return float32_model(model)
+        return float32_model(trained_network(model))
 
 
 def main() -> None:

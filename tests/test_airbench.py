@@ -23,6 +23,7 @@ from cifar100_dvc.network import (
     FusedBatchNormalization,
     InputSpec,
     build_network,
+    patch_whitening_kernel,
     training_flops_per_image,
 )
 from cifar100_dvc.params import AirbenchParams, TrainParams
@@ -437,6 +438,59 @@ def test_muon_recipe_steps_head_and_biases_with_published_sgd(kind):
     np.testing.assert_allclose(variable.numpy(), p, rtol=2e-5, atol=1e-6)
 
 
+# ---------------------------------------------------------------- airbench96_faster's data filtering
+
+
+def filtered_step_setup(keep: float, step_every: int = 4):
+    """(ProxyFiltered compiled as the stage compiles it, its params, a batch of 32 images and labels, the
+    whitening kernel). The SGD recipe: Muon's bfloat16 orthogonalization would round the two steps apart."""
+    proxy = dataclasses.replace(TINY_AIRBENCH.airbench.proxy, keep=keep, widths=(8, 8, 8), step_every=step_every)
+    params = dataclasses.replace(TINY_AIRBENCH, airbench=dataclasses.replace(TINY_AIRBENCH.airbench, proxy=proxy))
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(32, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=32).astype(np.int64)
+    kernel = patch_whitening_kernel(images, spec(10), centered=False)  # zeros would leave the proxy blind: ties
+    model = training.build_training_model(params, spec(10), kernel)
+    training.compile_model(model, params, steps_per_epoch=4, jit_compile=False, steps_per_execution=1)
+    return model, params, images, labels, kernel
+
+
+def test_filtering_trains_the_network_on_the_proxys_hardest_examples_as_a_run_on_them_alone():
+    keras.utils.set_random_seed(0)
+    model, params, images, labels, kernel = filtered_step_setup(keep=0.5)
+    assert isinstance(model, training.ProxyFiltered) and model.keep == 16
+    # The examples the proxy ranks hardest before its step (its label-smoothed loss, batch statistics).
+    proxy_losses = training.smoothed_sparse_crossentropy(labels, model.proxy(images, training=True), 0.2).numpy()
+    hardest = np.sort(np.argsort(proxy_losses)[-16:])
+    assert np.sort(proxy_losses)[-16] > np.sort(proxy_losses)[-17]  # no tie at the cut
+    # A plain network with the same weights, trained on those 16 alone at batch 16: per kept example the
+    # same rates (airbench96_faster's summed loss), so the same step.
+    unfiltered = dataclasses.replace(params.airbench, proxy=TINY_AIRBENCH.airbench.proxy)
+    alone = dataclasses.replace(params, batch_size=16, airbench=unfiltered)
+    reference = build_network(alone, spec(10), kernel)
+    reference.set_weights(model.network.get_weights())
+    training.compile_model(reference, alone, steps_per_epoch=4, jit_compile=False, steps_per_execution=1)
+    model.train_on_batch(images, labels)
+    reference.train_on_batch(images[hardest], labels[hardest])
+    for trained, expected in zip(model.network.weights, reference.weights, strict=True):
+        np.testing.assert_allclose(trained.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5, err_msg=trained.path)
+    assert not any("proxy" in w.path for w in model.network.weights)  # the saved network holds no proxy
+
+
+def test_the_proxy_steps_every_few_steps_and_scores_every_batch():
+    keras.utils.set_random_seed(0)
+    model, _, images, labels, _ = filtered_step_setup(keep=0.25, step_every=4)
+    kernels = [w for w in model.proxy.trainable_weights if "kernel" in w.path]
+    history = []
+    for _ in range(6):
+        before = [w.numpy().copy() for w in kernels]
+        model.train_on_batch(images, labels)
+        history.append(any(not np.array_equal(b, w.numpy()) for b, w in zip(before, kernels)))
+    assert history == [True, False, False, False, True, False]  # steps 0 and 4 of the network's
+    assert int(model.proxy_optimizer.iterations.numpy()) == 2 and int(model.optimizer.iterations.numpy()) == 6
+    assert WHITENING_BIAS_LAYER not in " ".join(w.path for w in model.proxy.trainable_weights)  # frozen, as published
+
+
 # ---------------------------------------------------------------- alternating flips
 
 
@@ -500,8 +554,14 @@ def prepared(project_with) -> ProjectPaths:
     return ProjectPaths(project_with("prepared_dir"))
 
 
+# TINY_MUON with airbench96_faster's data filtering: the network trains on the proxy's hardest half.
+TINY_FILTERED = dataclasses.replace(
+    TINY_MUON, airbench=dataclasses.replace(TINY_MUON.airbench, proxy=dataclasses.replace(TINY_MUON.airbench.proxy, keep=0.5))
+)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [TINY_AIRBENCH, TINY_MUON], ids=["sgd", "muon"])
+@pytest.mark.parametrize("recipe", [TINY_AIRBENCH, TINY_MUON, TINY_FILTERED], ids=["sgd", "muon", "filtered"])
 def test_airbench_trains_end_to_end_and_the_model_reloads(prepared, recipe):
     summary = train.run(recipe, prepared)
     assert summary["arch"] == "airbench" and summary["epochs_completed"] == recipe.epochs
@@ -526,7 +586,7 @@ class InterruptAfter(train.EpochCheckpoint):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tiny", [TINY_AIRBENCH, TINY_MUON], ids=["sgd", "muon"])
+@pytest.mark.parametrize("tiny", [TINY_AIRBENCH, TINY_MUON, TINY_FILTERED], ids=["sgd", "muon", "filtered"])
 def test_interrupted_airbench_run_resumes_to_the_same_model(project_with, monkeypatch, tiny):
     # Interrupted after epoch 2, with lookahead running since epoch 1 (sgd) and the whitening bias frozen
     # after it: the resumed run must end on exactly the weights of an uninterrupted one.
